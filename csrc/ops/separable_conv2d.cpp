@@ -1,0 +1,150 @@
+// Schema of fastseg::separable_conv2d and its backward, plus the device-independent parts.
+#include "ops/separable_conv2d.h"
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include "ops/common/separable_conv.h"
+
+namespace fastseg::ops {
+
+namespace {
+
+void check_affine(const std::optional<at::Tensor>& p, const char* name, int64_t n,
+                  const at::Tensor& x) {
+  if (!p.has_value() || !p->defined()) return;
+  TORCH_CHECK(p->dim() == 1 && p->size(0) == n, name, " must be a 1-D tensor of length ", n,
+              ", got shape ", p->sizes());
+  TORCH_CHECK(at::isFloatingType(p->scalar_type()), name, " must be floating point, got ",
+              p->scalar_type());
+  TORCH_CHECK(p->device() == x.device(), name, " is on ", p->device(), " but x is on ",
+              x.device());
+}
+
+}  // namespace
+
+std::vector<int64_t> separable_conv2d_check(const at::Tensor& x, const at::Tensor& dw_weight,
+                                            const at::Tensor& pw_weight,
+                                            const std::optional<at::Tensor>& dw_scale,
+                                            const std::optional<at::Tensor>& dw_shift,
+                                            const std::optional<at::Tensor>& pw_scale,
+                                            const std::optional<at::Tensor>& pw_shift,
+                                            const SepConvGeometry& g) {
+  TORCH_CHECK(x.dim() == 4, "x must be 4-D [N, C, H, W], got shape ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x must be floating point, got ",
+              x.scalar_type());
+  const int64_t C = x.size(1);
+  TORCH_CHECK(dw_weight.dim() == 4 && dw_weight.size(0) == C && dw_weight.size(1) == 1 &&
+                  dw_weight.size(2) == dw_weight.size(3) && dw_weight.size(2) >= 1,
+              "dw_weight must be [C, 1, k, k] with C = x.size(1) = ", C, ", got shape ",
+              dw_weight.sizes());
+  TORCH_CHECK(pw_weight.dim() == 4 && pw_weight.size(1) == C && pw_weight.size(2) == 1 &&
+                  pw_weight.size(3) == 1,
+              "pw_weight must be [O, C, 1, 1] with C = x.size(1) = ", C, ", got shape ",
+              pw_weight.sizes());
+  TORCH_CHECK(dw_weight.scalar_type() == x.scalar_type(), "dw_weight dtype ",
+              dw_weight.scalar_type(), " differs from x dtype ", x.scalar_type());
+  TORCH_CHECK(pw_weight.scalar_type() == x.scalar_type(), "pw_weight dtype ",
+              pw_weight.scalar_type(), " differs from x dtype ", x.scalar_type());
+  TORCH_CHECK(dw_weight.device() == x.device(), "dw_weight is on ", dw_weight.device(),
+              " but x is on ", x.device());
+  TORCH_CHECK(pw_weight.device() == x.device(), "pw_weight is on ", pw_weight.device(),
+              " but x is on ", x.device());
+  TORCH_CHECK(g.stride >= 1, "stride must be >= 1, got ", g.stride);
+  TORCH_CHECK(g.dilation >= 1, "dilation must be >= 1, got ", g.dilation);
+  TORCH_CHECK(g.pad_beg >= 0 && g.pad_end >= 0, "padding must be >= 0, got (", g.pad_beg, ", ",
+              g.pad_end, ")");
+  const int64_t O = pw_weight.size(0);
+  check_affine(dw_scale, "dw_scale", C, x);
+  check_affine(dw_shift, "dw_shift", C, x);
+  check_affine(pw_scale, "pw_scale", O, x);
+  check_affine(pw_shift, "pw_shift", O, x);
+  const int64_t k = dw_weight.size(2);
+  const int64_t Ho = common::conv_out_size(x.size(2), g.pad_beg, g.pad_end, k, g.dilation, g.stride);
+  const int64_t Wo = common::conv_out_size(x.size(3), g.pad_beg, g.pad_end, k, g.dilation, g.stride);
+  return {x.size(0), O, Ho, Wo};
+}
+
+at::Tensor affine_param(const std::optional<at::Tensor>& p, at::ScalarType opmath) {
+  if (!p.has_value() || !p->defined()) return at::Tensor();
+  return p->to(opmath).contiguous();
+}
+
+SepConvGrads separable_conv2d_backward_impl(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& dw_weight,
+    const at::Tensor& pw_weight, const std::optional<at::Tensor>& dw_scale,
+    const std::optional<at::Tensor>& dw_shift, const std::optional<at::Tensor>& pw_scale,
+    const std::optional<at::Tensor>& pw_shift, const SepConvGeometry& g, bool dw_relu, bool relu,
+    const DepthwiseKernels& kernels) {
+  const auto out_shape =
+      separable_conv2d_check(x, dw_weight, pw_weight, dw_scale, dw_shift, pw_scale, pw_shift, g);
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(out_shape), "grad_out must have shape ",
+              at::IntArrayRef(out_shape), ", got ", grad_out.sizes());
+  // Below autograd: the at:: calls inside must not record a graph of their own.
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const auto opmath = at::toOpMathType(x.scalar_type());
+  const int64_t N = x.size(0), C = x.size(1), O = pw_weight.size(0), k = dw_weight.size(2);
+  const int64_t Ho = out_shape[2], Wo = out_shape[3], P = Ho * Wo;
+
+  const auto xf = x.to(opmath).contiguous();
+  const auto dwf = dw_weight.to(opmath).contiguous();
+  const auto pw2 = pw_weight.to(opmath).reshape({O, C});
+  const auto gout = grad_out.to(opmath).reshape({N, O, P});
+  const auto ds = affine_param(dw_scale, opmath), dh = affine_param(dw_shift, opmath);
+  const auto ps = affine_param(pw_scale, opmath), ph = affine_param(pw_shift, opmath);
+  auto col = [](const at::Tensor& t) { return t.view({1, -1, 1}); };
+
+  // Recompute the forward: a (depthwise), b (affine), y (act), z (pointwise), u (affine).
+  const auto a = kernels.forward(xf, dwf, g).view({N, C, P});
+  auto b = a;
+  if (ds.defined()) b = b * col(ds);
+  if (dh.defined()) b = b + col(dh);
+  const auto y = dw_relu ? b.clamp_min(0) : b;
+  const auto z = at::matmul(pw2, y);
+
+  auto gu = gout;
+  if (relu) {
+    auto u = z;
+    if (ps.defined()) u = u * col(ps);
+    if (ph.defined()) u = u + col(ph);
+    gu = gout * u.gt(0);
+  }
+  const auto g_ps = ps.defined() ? (gu * z).sum({0, 2}) : at::Tensor();
+  const auto g_ph = ph.defined() ? gu.sum({0, 2}) : at::Tensor();
+  const auto gz = ps.defined() ? gu * col(ps) : gu;
+  const auto g_pw = at::matmul(gz, y.transpose(1, 2)).sum(0).view({O, C, 1, 1});
+  auto gb = at::matmul(pw2.t(), gz);
+  if (dw_relu) gb = gb * b.gt(0);
+  const auto g_ds = ds.defined() ? (gb * a).sum({0, 2}) : at::Tensor();
+  const auto g_dh = dh.defined() ? gb.sum({0, 2}) : at::Tensor();
+  const auto ga = (ds.defined() ? gb * col(ds) : gb).view({N, C, Ho, Wo}).contiguous();
+  const auto g_x = kernels.backward_input(ga, dwf, x.size(2), x.size(3), g);
+  const auto g_dw = kernels.backward_weight(ga, xf, k, g);
+
+  auto like = [&](const at::Tensor& grad, const std::optional<at::Tensor>& p) {
+    if (!p.has_value() || !p->defined()) return at::empty({0}, x.options());
+    return grad.to(p->scalar_type());
+  };
+  return {g_x.to(x.scalar_type()),
+          g_dw.to(dw_weight.scalar_type()),
+          g_pw.to(pw_weight.scalar_type()),
+          like(g_ds, dw_scale),
+          like(g_dh, dw_shift),
+          like(g_ps, pw_scale),
+          like(g_ph, pw_shift)};
+}
+
+TORCH_LIBRARY_FRAGMENT(fastseg, m) {
+  m.def(
+      "separable_conv2d(Tensor x, Tensor dw_weight, Tensor pw_weight, Tensor? dw_scale, "
+      "Tensor? dw_shift, Tensor? pw_scale, Tensor? pw_shift, int stride, int pad_beg, "
+      "int pad_end, int dilation, bool dw_relu, bool relu) -> Tensor");
+  m.def(
+      "_separable_conv2d_backward(Tensor grad_out, Tensor x, Tensor dw_weight, Tensor pw_weight, "
+      "Tensor? dw_scale, Tensor? dw_shift, Tensor? pw_scale, Tensor? pw_shift, int stride, "
+      "int pad_beg, int pad_end, int dilation, bool dw_relu, bool relu) -> (Tensor, Tensor, "
+      "Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+}  // namespace fastseg::ops

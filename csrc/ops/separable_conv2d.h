@@ -1,0 +1,51 @@
+#pragma once
+// fastseg::separable_conv2d — what the CPU and CUDA kernel files share: argument checks,
+// the output shape, and the backward, which composes a device's depthwise kernels with GEMMs.
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <tuple>
+
+namespace fastseg::ops {
+
+struct SepConvGeometry {
+  int64_t stride, pad_beg, pad_end, dilation;
+};
+
+// Checks every argument (naming it in the error) and returns the output shape [N, O, Ho, Wo].
+std::vector<int64_t> separable_conv2d_check(const at::Tensor& x, const at::Tensor& dw_weight,
+                                            const at::Tensor& pw_weight,
+                                            const std::optional<at::Tensor>& dw_scale,
+                                            const std::optional<at::Tensor>& dw_shift,
+                                            const std::optional<at::Tensor>& pw_scale,
+                                            const std::optional<at::Tensor>& pw_shift,
+                                            const SepConvGeometry& g);
+
+// The per-channel affine parameter as a contiguous opmath-typed tensor (undefined when absent).
+at::Tensor affine_param(const std::optional<at::Tensor>& p, at::ScalarType opmath);
+
+// Depthwise primitives a device provides. All tensors contiguous NCHW of one dtype.
+struct DepthwiseKernels {
+  // a[n,c,o] = sum_t x[n,c,tap(o,t)] * w[c,t]            -> [N, C, Ho, Wo]
+  at::Tensor (*forward)(const at::Tensor& x, const at::Tensor& w, const SepConvGeometry& g);
+  // the transpose of forward with respect to x             -> [N, C, H, W]
+  at::Tensor (*backward_input)(const at::Tensor& grad, const at::Tensor& w, int64_t H, int64_t W,
+                               const SepConvGeometry& g);
+  // the transpose of forward with respect to w             -> [C, 1, k, k]
+  at::Tensor (*backward_weight)(const at::Tensor& grad, const at::Tensor& x, int64_t k,
+                                const SepConvGeometry& g);
+};
+
+using SepConvGrads =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Backward of separable_conv2d: recomputes the depthwise stage, the pointwise GEMMs run through
+// at::matmul (BLAS / cuBLAS), everything in opmath precision. Absent affines get empty grads.
+SepConvGrads separable_conv2d_backward_impl(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& dw_weight,
+    const at::Tensor& pw_weight, const std::optional<at::Tensor>& dw_scale,
+    const std::optional<at::Tensor>& dw_shift, const std::optional<at::Tensor>& pw_scale,
+    const std::optional<at::Tensor>& pw_shift, const SepConvGeometry& g, bool dw_relu, bool relu,
+    const DepthwiseKernels& kernels);
+
+}  // namespace fastseg::ops

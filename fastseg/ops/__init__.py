@@ -1,0 +1,28 @@
+"""fastseg's functional API: fused ops with a ``backend=`` argument on each.
+
+``available_backends()`` lists the backends usable now, fastest first; ``backend_status()`` says why
+a missing one is missing; ``use_backend(name)`` switches every op inside a ``with`` block.
+"""
+
+from fastseg import _extension
+from fastseg.ops._backend import (
+    BACKENDS,
+    BackendUnavailableError,
+    available_backends,
+    backend_status,
+    use_backend,
+)
+from fastseg.ops.separable_conv import separable_conv2d
+
+if _extension.has_ops():
+    # Registered only when fastseg._C loaded: their ops do not exist otherwise.
+    from fastseg.ops import _autograd, _meta  # noqa: F401
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "available_backends",
+    "backend_status",
+    "separable_conv2d",
+    "use_backend",
+]

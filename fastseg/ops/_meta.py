@@ -1,0 +1,29 @@
+"""Fake (meta) kernels of the compiled ops, for torch.compile and FakeTensor tracing."""
+
+from __future__ import annotations
+
+import torch
+
+from fastseg.ops._reference import conv_out_size
+
+
+@torch.library.register_fake("fastseg::separable_conv2d")
+def _separable_conv2d_fake(x, dw_weight, pw_weight, dw_scale, dw_shift, pw_scale, pw_shift,
+                           stride, pad_beg, pad_end, dilation, dw_relu, relu):
+    k = dw_weight.shape[-1]
+    ho = conv_out_size(x.shape[2], pad_beg, pad_end, k, dilation, stride)
+    wo = conv_out_size(x.shape[3], pad_beg, pad_end, k, dilation, stride)
+    return x.new_empty((x.shape[0], pw_weight.shape[0], ho, wo))
+
+
+@torch.library.register_fake("fastseg::_separable_conv2d_backward")
+def _separable_conv2d_backward_fake(grad_out, x, dw_weight, pw_weight, dw_scale, dw_shift,
+                                    pw_scale, pw_shift, stride, pad_beg, pad_end, dilation,
+                                    dw_relu, relu):
+    def like(p):
+        return x.new_empty((0,)) if p is None else torch.empty_like(p, memory_format=torch.contiguous_format)
+
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(dw_weight, memory_format=torch.contiguous_format),
+            torch.empty_like(pw_weight, memory_format=torch.contiguous_format),
+            like(dw_scale), like(dw_shift), like(pw_scale), like(pw_shift))

@@ -1,0 +1,1 @@
+"""Triton kernels of fastseg, one module per op."""
