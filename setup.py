@@ -74,6 +74,8 @@ def write_build_info(with_cuda):
         "cuda": torch.version.cuda if with_cuda else None,
         "cuda_archs": archs,
         "compiled_backends": ["cpu", "cuda"] if with_cuda else ["cpu"],
+        "cuda_skipped": None if with_cuda else (
+            "FASTSEG_CUDA=0" if os.environ.get("FASTSEG_CUDA") == "0" else "no CUDA toolkit or CPU-only torch"),
     }
     with open(os.path.join(ROOT, "fastseg", "_build_info.py"), "w") as f:
         f.write("# Written by setup.py at build time; do not edit.\n")

@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#include <ATen/autocast_mode.h>
 #include <torch/library.h>
 
 #include "ops/common/separable_conv.h"
@@ -133,6 +134,35 @@ SepConvGrads separable_conv2d_backward_impl(
           like(g_dh, dw_shift),
           like(g_ps, pw_scale),
           like(g_ph, pw_shift)};
+}
+
+namespace {
+
+// Under CUDA autocast the op runs in the autocast dtype (fp16/bf16); it accumulates in fp32.
+at::Tensor separable_conv2d_autocast(const at::Tensor& x, const at::Tensor& dw_weight,
+                                     const at::Tensor& pw_weight,
+                                     const std::optional<at::Tensor>& dw_scale,
+                                     const std::optional<at::Tensor>& dw_shift,
+                                     const std::optional<at::Tensor>& pw_scale,
+                                     const std::optional<at::Tensor>& pw_shift, int64_t stride,
+                                     int64_t pad_beg, int64_t pad_end, int64_t dilation,
+                                     bool dw_relu, bool relu) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
+  const auto dtype = at::autocast::get_autocast_dtype(at::kCUDA);
+  auto cast = [&](const at::Tensor& t) {
+    return at::autocast::cached_cast(dtype, t, c10::DeviceType::CUDA);
+  };
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastseg::separable_conv2d", "")
+                       .typed<decltype(separable_conv2d_autocast)>();
+  return op.call(cast(x), cast(dw_weight), cast(pw_weight), dw_scale, dw_shift, pw_scale,
+                 pw_shift, stride, pad_beg, pad_end, dilation, dw_relu, relu);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastseg, AutocastCUDA, m) {
+  m.impl("separable_conv2d", &separable_conv2d_autocast);
 }
 
 TORCH_LIBRARY_FRAGMENT(fastseg, m) {

@@ -78,7 +78,8 @@ def _reason(op: str, backend: str, device: torch.device) -> str | None:
         if backend == "cpu":
             return None if device.type == "cpu" else f"the cpu backend takes CPU tensors, got {device}"
         if not _extension.has_cuda_ops():
-            return "fastseg._C was built without CUDA kernels (no CUDA toolkit or FASTSEG_CUDA=0)"
+            skipped = _extension.build_info().get("cuda_skipped") or "unknown reason"
+            return f"fastseg._C was built without CUDA kernels ({skipped})"
         if not torch.cuda.is_available():
             return "no CUDA GPU is visible"
         return None if device.type == "cuda" else f"the cuda backend takes CUDA tensors, got {device}"

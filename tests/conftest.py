@@ -1,0 +1,45 @@
+"""Shared test configuration: markers, the tolerance table, and comparison helpers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# One tolerance table per dtype: (atol, rtol) of a kernel against the float64 reference.
+TOL: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-10, 1e-9),
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1e-2, 1e-2),
+}
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+HAS_GPU = torch.cuda.is_available()
+NO_GPU_REASON = "needs a CUDA GPU; none is visible on this machine"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped with a reason when none is present)")
+    config.addinivalue_line("markers", "interpret: Triton kernels on CPU tensors under TRITON_INTERPRET=1")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason=NO_GPU_REASON)
+    for item in items:
+        if "gpu" in item.keywords and not HAS_GPU:
+            item.add_marker(skip_gpu)
+
+
+def assert_matches_reference(out: torch.Tensor, ref64: torch.Tensor, ref_same_dtype: torch.Tensor | None = None,
+                             name: str = "output") -> None:
+    """``out`` against the float64 reference with the dtype's tolerance. Low precision follows the
+    ratio rule: error(out) <= 2 * error(PyTorch reference in out's dtype) + atol."""
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    atol, rtol = TOL[out.dtype]
+    if out.dtype in LOW_PRECISION:
+        assert ref_same_dtype is not None, "the ratio rule needs the same-dtype reference"
+        err = (out.double() - ref64).abs().max().item() if out.numel() else 0.0
+        ref_err = (ref_same_dtype.double() - ref64).abs().max().item() if out.numel() else 0.0
+        assert err <= 2 * ref_err + atol, f"{name}: error {err:.3g} > 2 x reference error {ref_err:.3g} + {atol}"
+    else:
+        torch.testing.assert_close(out.double(), ref64, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
