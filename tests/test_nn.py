@@ -59,7 +59,7 @@ def test_eval_gradients_reach_batchnorm_parameters():
     x = torch.randn(2, 7, 9, 9)
     block(x).square().sum().backward()
     _eager(twin, x).square().sum().backward()
-    for (name, p), q in zip(block.named_parameters(), twin.parameters()):
+    for (name, p), q in zip(block.named_parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, msg=name)
 
 
@@ -69,14 +69,15 @@ def test_train_mode_matches_eager_including_running_stats():
     twin = copy.deepcopy(block)
     x = torch.randn(3, 6, 11, 10)
     torch.testing.assert_close(block(x), _eager(twin, x))
-    for a, b in zip(block.buffers(), twin.buffers()):
+    for a, b in zip(block.buffers(), twin.buffers(), strict=True):
         torch.testing.assert_close(a, b)
 
 
 def test_repr_and_state_dict_layout():
     block = SeparableConv2d(8, 16, dilation=12)
     assert "dilation=12" in repr(block)
-    assert {"depthwise.weight", "pointwise.weight", "bn_depth.running_var", "bn_point.weight"} <= set(block.state_dict())
+    keys = {"depthwise.weight", "pointwise.weight", "bn_depth.running_var", "bn_point.weight"}
+    assert keys <= set(block.state_dict())
 
 
 def test_swap_into_a_model():

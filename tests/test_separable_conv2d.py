@@ -35,7 +35,7 @@ class Case:
 
     def __str__(self) -> str:
         return (f"n{self.n}c{self.c}o{self.o}_{self.h}x{self.w}_k{self.k}s{self.stride}d{self.dilation}"
-                f"p{self.padding}_{self.affine}{'_dr' if self.dw_relu else ''}{'_r' if self.relu else ''}_{self.layout}")
+                f"p{self.padding}_{self.affine}{'_dr' * self.dw_relu}{'_r' * self.relu}_{self.layout}")
 
 
 # Odd and prime sizes on purpose; C and O never multiples of 8.
@@ -110,7 +110,7 @@ def check_forward_backward(case: Case, backend: str, device: str, dtype: torch.d
     want_lp = (torch.autograd.grad(ref_lp, leaves, grad.to(dtype), allow_unused=True)
                if ref_lp is not None else [None] * len(leaves))
     names = ["x", "dw_weight", "pw_weight"] + [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
-    for name, g, w, wl in zip(names, got, want, want_lp):
+    for name, g, w, wl in zip(names, got, want, want_lp, strict=True):
         w = torch.zeros_like(leaves64[names.index(name)]) if w is None else w
         g = torch.zeros_like(w, dtype=dtype) if g is None else g
         assert_matches_reference(g, w, None if wl is None else wl, name=f"grad {name}")
@@ -142,7 +142,7 @@ def test_gradcheck(backend, case):
     flags = {k: v for k, v in kwargs.items() if k not in names}
 
     def fn(x, dw, pw, *affine):
-        return ops.separable_conv2d(x, dw, pw, **dict(zip(names, affine)), **flags, backend=backend)
+        return ops.separable_conv2d(x, dw, pw, **dict(zip(names, affine, strict=True)), **flags, backend=backend)
 
     assert torch.autograd.gradcheck(fn, tensors_of(args, kwargs), eps=1e-6, atol=1e-7)
 

@@ -20,7 +20,7 @@ def _sep_backward(ctx, grad):
     affine = [next(it) if has else None for has in ctx.has_affine]
     grads = torch.ops.fastseg._separable_conv2d_backward(
         grad.contiguous(), x, dw_weight, pw_weight, *affine, *ctx.geometry)
-    g_affine = [g if has else None for g, has in zip(grads[3:], ctx.has_affine)]
+    g_affine = [g if has else None for g, has in zip(grads[3:], ctx.has_affine, strict=True)]
     return (*grads[:3], *g_affine) + (None,) * len(ctx.geometry)
 
 

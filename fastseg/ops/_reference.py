@@ -3,7 +3,6 @@ backend. Written for clarity, not speed; every function runs on any device and d
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
