@@ -41,7 +41,7 @@ test: build
 	$(VPY) -m pytest tests -m "not interpret" -q -rs
 	TRITON_INTERPRET=1 $(VPY) -m pytest tests -m interpret -q -rs
 
-cpp-test: build
+cpp-test: $(DEPS_STAMP)
 	PYTHON=$(VPY) bash cpp_tests/run.sh
 
 bench: build
