@@ -24,19 +24,20 @@ class Case:
     k: int = 3
     stride: int = 1
     dilation: int = 1
-    padding: str | int = "same"
+    padding: str | int | tuple[int, int] = "same"
     affine: str = "all"  # which of dw/pw get an affine: none, dw, pw, all
     dw_relu: bool = True
     relu: bool = True
-    layout: str = "contiguous"  # contiguous, channels_last, strided
+    layout: str = "contiguous"  # contiguous, channels_last, strided (x and the weights)
 
     @property
     def small(self) -> bool:
         return self.n * self.c * self.h * self.w <= 2000 and self.c * self.o <= 400
 
     def __str__(self) -> str:
+        pad = "-".join(map(str, self.padding)) if isinstance(self.padding, tuple) else self.padding
         return (f"n{self.n}c{self.c}o{self.o}_{self.h}x{self.w}_k{self.k}s{self.stride}d{self.dilation}"
-                f"p{self.padding}_{self.affine}{'_dr' * self.dw_relu}{'_r' * self.relu}_{self.layout}")
+                f"p{pad}_{self.affine}{'_dr' * self.dw_relu}{'_r' * self.relu}_{self.layout}")
 
 
 # Odd and prime sizes on purpose; C and O never multiples of 8.
@@ -51,6 +52,9 @@ CASES = [
     Case(1, 3, 4, 6, 6, dilation=18, padding="valid"),  # kernel does not fit: empty output
     Case(0, 5, 7, 9, 11),  # empty batch
     Case(1, 1, 1, 1, 1, dilation=2),  # 1x1 image, single channels
+    Case(3, 3, 7, 1, 1, dilation=2, affine="dw", relu=False),  # 1x1 image
+    Case(2, 5, 2, 9, 5, stride=2, padding=(0, 2), affine="pw", dw_relu=False, layout="channels_last"),
+    Case(1, 40, 130, 13, 13),  # several channel chunks and output-channel tiles of the GPU kernels
     Case(1, 257, 9, 37, 29, dilation=2, affine="all"),  # several CPU tiles per image, ragged last one
 ]
 IDS = [str(c) for c in CASES]
@@ -63,12 +67,15 @@ def sample_inputs(case: Case, device: str | torch.device, dtype: torch.dtype, re
         return t.to(dtype)
 
     x = make(case.n, case.c, case.h, case.w)
-    if case.layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    elif case.layout == "strided":
-        x = make(case.n, case.c, case.h, 2 * case.w + 1)[..., 1::2]
     dw = make(case.c, 1, case.k, case.k, scale=0.5)
     pw = make(case.o, case.c, 1, 1, scale=case.c ** -0.5)
+    if case.layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+        pw = pw.contiguous(memory_format=torch.channels_last)
+    elif case.layout == "strided":
+        x = make(case.n, case.c, case.h, 2 * case.w + 1)[..., 1::2]
+        dw = make(case.c, 1, case.k, 2 * case.k)[..., ::2]
+        pw = make(case.c, case.o, 1, 1, scale=case.c ** -0.5).transpose(0, 1)
     kwargs = dict(stride=case.stride, padding=case.padding, dilation=case.dilation,
                   dw_relu=case.dw_relu, relu=case.relu)
     if case.affine in ("dw", "all"):
