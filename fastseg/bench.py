@@ -11,14 +11,18 @@ For each case (a shape taken from a real architecture) and dtype, and each usabl
    reported too. A failure is printed at once and makes the run exit with status 1;
 2. **timing**: warm-up, then the median and interquartile range of repeated runs. CPU:
    ``time.perf_counter`` with the number of repetitions fitted to a time budget per measurement
-   (``--budget``, 0.5 s by default). GPU: ``triton.testing.do_bench`` (L2 flushed before each run),
-   or CUDA events when Triton is absent. Speed-up = baseline time / backend time;
+   (``--budget``, 0.5 s by default), baseline and backends alternating in ``--rounds`` rounds so that
+   a shared machine's load hits them alike. GPU: ``triton.testing.do_bench`` (L2 flushed before each
+   run; 0.2 s per measurement), or CUDA events when Triton is absent. Speed-up = baseline time /
+   backend time, both from the same run. On a busy CPU (load average printed and stored) the eager
+   baseline, made of many small parallel ops, suffers most: measure on an idle machine;
 3. **peak memory**: the peak of bytes allocated on top of what was live before the call. GPU:
    ``torch.cuda.max_memory_allocated`` delta. CPU: ``torch.profiler`` with ``profile_memory=True``,
    the cumulative sum of its allocation events in time order (only allocations through PyTorch's
    allocator are seen: a kernel's ``std::vector`` scratch is not);
-4. on GPU, the achieved bandwidth (minimum bytes moved: inputs + weights + outputs) against the
-   device-to-device copy bandwidth measured at the start of the run, and TFLOP/s.
+4. achieved GB/s (minimum bytes moved: inputs + weights + outputs) and TFLOP/s; on GPU also the
+   fraction of the device-to-device copy bandwidth measured at the start of the run (and a dense
+   matmul TFLOP/s per dtype, for scale).
 
 Outputs (``--out``, default ``bench/out/``): ``<device>-<ops>.json`` (results + machine and build
 info), ``.csv``, ``.png`` (speed-up per case and backend); a table on stdout.
@@ -70,6 +74,7 @@ __all__ = [
     "OPS",
     "Timing",
     "check_backend",
+    "check_case",
     "get_cases",
     "main",
     "peak_memory_bytes",
@@ -96,7 +101,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DEFAULT_DTYPES: dict[str, tuple[torch.dtype, ...]] = {
     "cpu": (torch.float32,),
-    "cuda": (torch.float32, torch.float16, torch.bfloat16),
+    "cuda": (torch.float16, torch.bfloat16, torch.float32),
 }
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
 
@@ -404,6 +409,15 @@ def check_backend(case: Case, out: Outputs, base: Outputs, oracle: Outputs, dtyp
     return worst or CheckResult(True, 0.0, 0.0, 0.0, 0.0, atol, "-", "empty output")
 
 
+def check_case(case: Case, inputs: Inputs, backend: str, dtype: torch.dtype) -> CheckResult:
+    """Run the baseline, its float64 oracle and ``backend`` on ``inputs`` and compare them."""
+    with torch.no_grad() if case.mode == "fwd" else torch.enable_grad():
+        base = case.baseline(inputs)
+        oracle = case.baseline(_cast(inputs, torch.float64))
+        out = case.run(inputs, backend)
+    return check_backend(case, out, base, oracle, dtype)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Timing and memory
 # ---------------------------------------------------------------------------------------------------
@@ -418,6 +432,7 @@ class Timing:
     q3_ms: float
     reps: int
     method: str
+    samples_ms: list[float] = field(default_factory=list, repr=False)
 
     @property
     def iqr_ms(self) -> float:
@@ -449,7 +464,7 @@ def _time_cpu(fn: Callable[[], Any], budget_s: float, min_reps: int) -> Timing:
             fn()
         samples.append((time.perf_counter() - t) / inner * 1e3)
     q1, med, q3 = _quartiles(samples)
-    return Timing(med, q1, q3, reps, f"perf_counter x{reps}" + (f" ({inner} calls/sample)" if inner > 1 else ""))
+    return Timing(med, q1, q3, reps, "perf_counter" + (f" ({inner} calls/sample)" if inner > 1 else ""), samples)
 
 
 def _time_cuda_events(fn: Callable[[], Any], budget_s: float, min_reps: int) -> Timing:
@@ -474,8 +489,9 @@ def _time_cuda_events(fn: Callable[[], Any], budget_s: float, min_reps: int) -> 
         fn()
         ends[i].record()
     torch.cuda.synchronize()
-    q1, med, q3 = _quartiles([s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)])
-    return Timing(med, q1, q3, reps, "cuda events")
+    samples = [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
+    q1, med, q3 = _quartiles(samples)
+    return Timing(med, q1, q3, reps, "cuda events", samples)
 
 
 def _time_cuda(fn: Callable[[], Any], budget_s: float, min_reps: int) -> Timing:
@@ -485,11 +501,11 @@ def _time_cuda(fn: Callable[[], Any], budget_s: float, min_reps: int) -> Timing:
         return _time_cuda_events(fn, budget_s, min_reps)
     warmup, rep = max(1, int(budget_s * 250)), max(1, int(budget_s * 1000))
     try:
-        samples = list(do_bench(fn, warmup=warmup, rep=rep, return_mode="all"))
+        samples = [float(v) for v in do_bench(fn, warmup=warmup, rep=rep, return_mode="all")]
         q1, med, q3 = _quartiles(samples)
-        return Timing(med, q1, q3, len(samples), "triton do_bench")
+        return Timing(med, q1, q3, len(samples), "triton do_bench", samples)
     except (AssertionError, TypeError, ValueError):  # an older Triton without return_mode="all"
-        q1, med, q3 = do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.25, 0.5, 0.75])
+        q1, med, q3 = (float(v) for v in do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.25, 0.5, 0.75]))
         return Timing(med, q1, q3, -1, "triton do_bench (quantiles)")
 
 
@@ -498,6 +514,15 @@ def time_fn(fn: Callable[[], Any], device: torch.device, budget_s: float = 0.5, 
     if device.type == "cuda":
         return _time_cuda(fn, budget_s, min_reps)
     return _time_cpu(fn, budget_s, min_reps)
+
+
+def _pool(parts: Sequence[Timing]) -> Timing:
+    """One Timing from the samples of several (interleaved) measurements of the same function."""
+    samples = [v for t in parts for v in t.samples_ms]
+    if len(parts) == 1 or not samples:
+        return parts[0]
+    q1, med, q3 = _quartiles(samples)
+    return Timing(med, q1, q3, len(samples), f"{parts[0].method}, {len(parts)} interleaved rounds", samples)
 
 
 @contextmanager
@@ -561,9 +586,15 @@ def _memory_probe(device: torch.device) -> dict[str, Any]:
         _ = a @ b  # warm-up: cuBLAS allocates its workspace once, on first use
         del _
         got = peak_memory_bytes(lambda: a @ b, device)
-    except Exception as e:  # noqa: BLE001 - reported, never fatal
+    except Exception as e:
         return {"ok": False, "error": f"{type(e).__name__}: {e}"}
     return {"ok": got == expected, "matmul_peak_bytes": got, "matmul_output_bytes": expected}
+
+
+def _time_copy(nbytes: int, device: torch.device, budget_s: float) -> Timing:
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return time_fn(lambda: dst.copy_(src), device, budget_s)
 
 
 def _ceilings(device: torch.device, dtypes: Sequence[torch.dtype], budget_s: float) -> dict[str, Any]:
@@ -573,12 +604,9 @@ def _ceilings(device: torch.device, dtypes: Sequence[torch.dtype], budget_s: flo
     out: dict[str, Any] = {}
     try:
         nbytes = 2 * 2**30
-        src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
-        dst = torch.empty_like(src)
-        t = time_fn(lambda: dst.copy_(src), device, budget_s)
+        t = _time_copy(nbytes, device, budget_s)
         out["copy_GBps"] = 2 * nbytes / (t.median_ms * 1e-3) / 1e9  # read + write
-        del src, dst
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         out["copy_error"] = f"{type(e).__name__}: {e}"
     out["matmul_TFLOPs"] = {}
     for dt in dtypes:
@@ -589,7 +617,7 @@ def _ceilings(device: torch.device, dtypes: Sequence[torch.dtype], budget_s: flo
             t = time_fn(lambda a=a, b=b: a @ b, device, budget_s)
             out["matmul_TFLOPs"][_dtype_name(dt)] = 2 * n**3 / (t.median_ms * 1e-3) / 1e12
             del a, b
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             out["matmul_TFLOPs"][_dtype_name(dt)] = f"{type(e).__name__}: {e}"
     torch.cuda.empty_cache()
     return out
@@ -618,6 +646,13 @@ def _version(pkg: str) -> str | None:
         return None
 
 
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     """Versions, hardware, threads, and what fastseg._C was built for."""
     info: dict[str, Any] = {
@@ -635,6 +670,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "extension_error": _extension.load_error(),
         "backend_status": ops.backend_status(device),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
+        "loadavg_at_start": _loadavg(),
     }
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
@@ -675,6 +711,7 @@ class _Row:
     check: dict[str, Any] = field(default_factory=dict)
     ref_ms: float | None = None
     ref_iqr_ms: float | None = None
+    ref_reps: int | None = None
     ms: float | None = None
     iqr_ms: float | None = None
     reps: int | None = None
@@ -725,7 +762,7 @@ def _bench_case(case: Case, dtype: torch.dtype, device: torch.device, backends: 
             base = case.baseline(inputs)
             oracle = case.baseline(_cast(inputs, torch.float64)) if not args.no_check else None
         _sync(device)
-    except Exception as e:  # noqa: BLE001 - reported per case
+    except Exception as e:
         msg = f"baseline failed: {type(e).__name__}: {e}"
         log(f"ERROR {case.label} {dname}: {msg}")
         return [_Row(**base_row, backend=b, status="ERROR", message=msg) for b in (backends or ["-"])]
@@ -748,7 +785,7 @@ def _bench_case(case: Case, dtype: torch.dtype, device: torch.device, backends: 
         try:
             out = call()
             _sync(device)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             row.status, row.message = "ERROR", f"{type(e).__name__}: {e}"
             log(f"ERROR {case.label} {dname} {b}: {row.message}")
             continue
@@ -768,37 +805,53 @@ def _bench_case(case: Case, dtype: torch.dtype, device: torch.device, backends: 
                          bytes_moved=nbytes, flops=flops))
     if not checked and backends:
         return rows
+    # Timing: baseline and backends alternate for `rounds` rounds (CPU; a shared machine's load then
+    # hits all of them alike), each round spending budget / rounds per function.
+    by_name = {r.backend: r for r in rows}
+    rounds = max(1, args.rounds) if device.type == "cpu" else 1
+    budget, min_reps = args.budget / rounds, max(1, math.ceil(args.min_reps / rounds))
+    ref_parts: list[Timing] = []
+    parts: dict[str, list[Timing]] = {b: [] for b, _ in checked}
     try:
-        ref_t = time_fn(baseline_call, device, args.budget, args.min_reps)
+        for _ in range(rounds):
+            ref_parts.append(time_fn(baseline_call, device, budget, min_reps))
+            for b, call in list(checked):
+                try:
+                    parts[b].append(time_fn(call, device, budget, min_reps))
+                except Exception as e:
+                    r = by_name[b]
+                    r.status, r.message = "ERROR", f"timing failed: {type(e).__name__}: {e}"
+                    log(f"ERROR {case.label} {dname} {b}: {r.message}")
+                    checked.remove((b, call))
+        ref_t = _pool(ref_parts)
         ref_peak = peak_memory_bytes(baseline_call, device) / 2**20
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         for r in rows:
             if r.status == "ok":
                 r.status, r.message = "ERROR", f"baseline timing failed: {type(e).__name__}: {e}"
         return rows
-    by_name = {r.backend: r for r in rows}
     for r in rows:
         r.ref_ms, r.ref_iqr_ms, r.ref_peak_MB = ref_t.median_ms, ref_t.iqr_ms, ref_peak
-        if device.type == "cuda" and nbytes:
+        r.ref_reps = ref_t.reps
+        if nbytes:
             r.ref_GBps = nbytes / (ref_t.median_ms * 1e-3) / 1e9
-        if device.type == "cuda" and flops:
+        if flops:
             r.ref_TFLOPs = flops / (ref_t.median_ms * 1e-3) / 1e12
     for b, call in checked:
         r = by_name[b]
+        t = _pool(parts[b])
         try:
-            t = time_fn(call, device, args.budget, args.min_reps)
             r.peak_MB = peak_memory_bytes(call, device) / 2**20
-        except Exception as e:  # noqa: BLE001
-            r.status, r.message = "ERROR", f"timing failed: {type(e).__name__}: {e}"
+        except Exception as e:
+            r.status, r.message = "ERROR", f"peak memory failed: {type(e).__name__}: {e}"
             log(f"ERROR {case.label} {dname} {b}: {r.message}")
             continue
         r.ms, r.iqr_ms, r.reps, r.timing_method = t.median_ms, t.iqr_ms, t.reps, t.method
         r.speedup = ref_t.median_ms / t.median_ms
-        if device.type == "cuda":
-            if nbytes:
-                r.GBps = nbytes / (t.median_ms * 1e-3) / 1e9
-            if flops:
-                r.TFLOPs = flops / (t.median_ms * 1e-3) / 1e12
+        if nbytes:
+            r.GBps = nbytes / (t.median_ms * 1e-3) / 1e9
+        if flops:
+            r.TFLOPs = flops / (t.median_ms * 1e-3) / 1e12
     return rows
 
 
@@ -807,7 +860,7 @@ def _fmt(v: float | None, spec: str) -> str:
 
 
 def _table(rows: Sequence[_Row], device: torch.device) -> str:
-    head = ["case", "dtype", "backend", "ref ms", "ms", "speed-up", "ref MB", "MB", "err", "status"]
+    head = ["case", "dtype", "backend", "ref ms", "ms", "speed-up", "ref peak MB", "peak MB", "rel err", "status"]
     if device.type == "cuda":
         head[8:8] = ["ref GB/s", "GB/s", "%copy", "TFLOP/s"]
     lines = []
@@ -827,11 +880,14 @@ def _table(rows: Sequence[_Row], device: torch.device) -> str:
     fmt_line = "  ".join(f"{{:{'<' if i < 3 or i == len(head) - 1 else '>'}{w}}}" for i, w in enumerate(widths))
     out = [fmt_line.format(*head), "  ".join("-" * w for w in widths)]
     out += [fmt_line.format(*c) for c in lines]
+    out.append("ms: median ± IQR/2 of one call; speed-up = ref ms / ms (ref = eager PyTorch from "
+               "fastseg.ops._reference, same run);\npeak MB: bytes allocated on top of the live ones during one "
+               "call, outputs included; rel err: max|out - fp64 oracle| / max|oracle| (worst output)")
     return "\n".join(out)
 
 
-_CSV_FIELDS = ["op", "case", "mode", "dtype", "backend", "status", "shape", "ref_ms", "ref_iqr_ms", "ms", "iqr_ms",
-               "reps", "speedup", "ref_peak_MB", "peak_MB", "bytes_moved", "flops", "ref_GBps", "GBps",
+_CSV_FIELDS = ["op", "case", "mode", "dtype", "backend", "status", "shape", "ref_ms", "ref_iqr_ms", "ref_reps", "ms",
+               "iqr_ms", "reps", "speedup", "ref_peak_MB", "peak_MB", "bytes_moved", "flops", "ref_GBps", "GBps",
                "pct_copy_bw", "ref_TFLOPs", "TFLOPs", "max_abs_err", "max_rel_err", "err_vs_fp64",
                "baseline_err_vs_fp64", "limit", "message"]
 
@@ -911,12 +967,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--cases", default=None, help="only cases whose name contains one of these comma-separated words")
     p.add_argument("--backends", default=None, help="comma-separated backends (default: every usable one)")
     p.add_argument("--dtype", default=None,
-                   help="comma-separated dtypes: fp32,fp16,bf16 (default: fp32 on CPU; fp32,fp16,bf16 on CUDA)")
+                   help="comma-separated dtypes: fp32,fp16,bf16 (default: fp32 on CPU; fp16,bf16,fp32 on CUDA)")
     p.add_argument("--batch", type=int, default=1, help="batch size of every case (default 1)")
     p.add_argument("--quick", action="store_true", help="the small CI subset, short measurements")
     p.add_argument("--budget", type=float, default=None,
-                   help="seconds of timed runs per measurement (default 0.5; 0.1 with --quick)")
+                   help="seconds of timed runs per measurement (default 0.5 on CPU, 0.2 on CUDA; 0.1 with --quick)")
     p.add_argument("--min-reps", type=int, default=5, help="at least this many timed samples (default 5)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="CPU: baseline and backends timed alternately in this many rounds (default 3; 1 with --quick)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--no-check", action="store_true", help="skip the correctness checks (not recommended)")
     p.add_argument("--time-limit", type=float, default=None,
@@ -924,8 +982,16 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="bench/out", help="output folder (default bench/out/)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     args = p.parse_args(argv)
+    if args.batch < 1:
+        p.error(f"--batch must be >= 1, got {args.batch}")
+    if args.budget is not None and args.budget <= 0:
+        p.error(f"--budget must be > 0, got {args.budget}")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.budget is None:
-        args.budget = 0.1 if args.quick else 0.5
+        args.budget = 0.1 if args.quick else 0.2 if args.device == "cuda" else 0.5
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
     if args.quick:
         args.min_reps = min(args.min_reps, 3)
     return args
@@ -939,7 +1005,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    dev_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev_name = args.device
     if dev_name == "cuda" and not torch.cuda.is_available():
         log("fastseg.bench: --device cuda but no CUDA GPU is visible")
         return EXIT_USAGE
@@ -965,10 +1031,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     old_handler = signal.signal(signal.SIGTERM, on_term)
     info = machine_info(device)
+    ext = (f"loaded {info['build_info'].get('compiled_backends')}" if info["extension_loaded"]
+           else f"not loaded ({info['extension_error']})")
     print(f"fastseg.bench on {info['device_name']} ({device}), torch {torch.__version__}, "
-          f"{info['threads']} threads, fastseg._C: "
-          f"{'loaded ' + str(info['build_info'].get('compiled_backends')) if info['extension_loaded'] else 'not loaded'}",
-          flush=True)
+          f"{info['threads']} threads, fastseg._C: {ext}", flush=True)
+    load = info["loadavg_at_start"]
+    if device.type == "cpu" and load and load[0] > 0.5:
+        log(f"warning: the machine is busy (load average {load[0]:.2f} before the run): CPU timings of "
+            "this run are unreliable, and penalise the many-small-ops eager baseline most")
     rows: list[_Row] = []
     skipped_backends: dict[str, dict[str, str]] = {}
     incomplete = ""
@@ -1025,7 +1095,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "argv": list(sys.argv[1:] if argv is None else argv),
         "settings": {"device": str(device), "dtypes": [_dtype_name(d) for d in dtypes], "batch": args.batch,
-                     "quick": args.quick, "budget_s": args.budget, "min_reps": args.min_reps,
+                     "quick": args.quick, "budget_s": args.budget, "min_reps": args.min_reps, "rounds": args.rounds,
                      "check": not args.no_check, "atol": {_dtype_name(k): v for k, v in ATOL.items()},
                      "baseline": "fastseg.ops._reference (eager PyTorch composition)"},
         "machine": info,
@@ -1034,6 +1104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "skipped_backends": skipped_backends,
         "incomplete": incomplete or None,
         "elapsed_s": round(time.monotonic() - started, 1),
+        "loadavg_at_end": _loadavg(),
         "results": [dataclasses.asdict(r) for r in rows],
     }
     json_path = out_dir / f"{stem}.json"
