@@ -268,7 +268,7 @@ def test_bad_input_reaches_cpp_checks(name, over, match):
 
 def test_no_depthwise_intermediate_in_cpu_forward():
     """The fused CPU forward allocates nothing of the [N, C, Ho, Wo] intermediate's size."""
-    x, dw, pw = torch.randn(1, 512, 33, 33), torch.randn(512, 1, 3, 3), torch.randn(8, 512, 1, 1)
+    x, dw, pw = torch.randn(1, 512, 193, 193), torch.randn(512, 1, 3, 3), torch.randn(8, 512, 1, 1)
     with torch.profiler.profile(profile_memory=True) as prof:
         ops.separable_conv2d(x, dw, pw, dilation=6, backend="cpu")
     allocs = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
