@@ -24,6 +24,9 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
+from fastseg.ops._autograd import register_separable_conv2d_autograd
+from fastseg.ops._reference import conv_out_size
+
 __all__ = ["separable_conv2d"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -32,11 +35,6 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _interpreting() -> bool:
     # wrap_triton cannot wrap an interpreted kernel: launch the raw one under the interpreter.
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _out_size(n: int, pad_beg: int, pad_end: int, k: int, dilation: int, stride: int) -> int:
-    span = n + pad_beg + pad_end - ((k - 1) * dilation + 1)
-    return 0 if span < 0 else span // stride + 1
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:
@@ -261,8 +259,8 @@ def _launch_separable_conv2d_fwd(x: Tensor, dw_weight: Tensor, pw_weight: Tensor
                                  dw_relu: bool, relu: bool) -> Tensor:
     N, C, H, W = x.shape
     OC, k = pw_weight.shape[0], dw_weight.shape[-1]
-    Ho = _out_size(H, pad_beg, pad_end, k, dilation, stride)
-    Wo = _out_size(W, pad_beg, pad_end, k, dilation, stride)
+    Ho = conv_out_size(H, pad_beg, pad_end, k, dilation, stride)
+    Wo = conv_out_size(W, pad_beg, pad_end, k, dilation, stride)
     out = torch.empty((N, OC, Ho, Wo), device=x.device, dtype=x.dtype)
     P = Ho * Wo
     if out.numel() == 0:
@@ -306,8 +304,8 @@ def _launch_depthwise_fwd(x: Tensor, w: Tensor, stride: int, pad_beg: int, pad_e
     """[N, C, Ho, Wo] fp32 depthwise conv of x (any strides) with w [C, 1, k, k]."""
     N, C, H, W = x.shape
     k = w.shape[-1]
-    Ho = _out_size(H, pad_beg, pad_end, k, dilation, stride)
-    Wo = _out_size(W, pad_beg, pad_end, k, dilation, stride)
+    Ho = conv_out_size(H, pad_beg, pad_end, k, dilation, stride)
+    Wo = conv_out_size(W, pad_beg, pad_end, k, dilation, stride)
     out = torch.empty((N, C, Ho, Wo), device=x.device, dtype=torch.float32)
     P = Ho * Wo
     if out.numel() == 0:
@@ -470,27 +468,8 @@ def _separable_conv2d_triton_backward(
                               stride, pad_beg, pad_end, dilation, dw_relu, relu)
 
 
-_N_AFFINE = 4  # dw_scale, dw_shift, pw_scale, pw_shift
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    x, dw_weight, pw_weight, *affine = inputs[: 3 + _N_AFFINE]
-    ctx.geometry = inputs[3 + _N_AFFINE:]
-    ctx.has_affine = [t is not None for t in affine]
-    ctx.save_for_backward(x, dw_weight, pw_weight, *[t for t in affine if t is not None])
-
-
-def _backward(ctx, grad: Tensor):
-    x, dw_weight, pw_weight, *present = ctx.saved_tensors
-    it = iter(present)
-    affine = [next(it) if has else None for has in ctx.has_affine]
-    grads = torch.ops.fastseg._separable_conv2d_triton_backward(
-        grad.contiguous(), x, dw_weight, pw_weight, *affine, *ctx.geometry)
-    g_affine = [g if has else None for g, has in zip(grads[3:], ctx.has_affine, strict=True)]
-    return (*grads[:3], *g_affine) + (None,) * len(ctx.geometry)
-
-
-torch.library.register_autograd("fastseg::separable_conv2d_triton", _backward, setup_context=_setup_context)
+register_separable_conv2d_autograd("fastseg::separable_conv2d_triton",
+                                   torch.ops.fastseg._separable_conv2d_triton_backward)
 
 
 def separable_conv2d(

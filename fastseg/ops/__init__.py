@@ -18,6 +18,8 @@ if _extension.has_ops():
     # Registered only when fastseg._C loaded: their ops do not exist otherwise.
     from fastseg.ops import _autograd, _meta  # noqa: F401
 
+    _autograd.register_compiled()
+
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",

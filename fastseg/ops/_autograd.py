@@ -1,4 +1,8 @@
-"""Autograd of the compiled ops: each backward is its own op, fastseg::_<op>_backward."""
+"""Autograd of fastseg's ops: each backward is its own op (``fastseg::_<op>_backward``).
+
+The same registration serves the compiled op and its Triton twin; ``register_compiled()`` is
+called by ``fastseg.ops`` once ``fastseg._C`` has loaded (its ops do not exist otherwise).
+"""
 
 from __future__ import annotations
 
@@ -14,14 +18,22 @@ def _sep_setup(ctx, inputs, output):
     ctx.save_for_backward(x, dw_weight, pw_weight, *[t for t in affine if t is not None])
 
 
-def _sep_backward(ctx, grad):
-    x, dw_weight, pw_weight, *present = ctx.saved_tensors
-    it = iter(present)
-    affine = [next(it) if has else None for has in ctx.has_affine]
-    grads = torch.ops.fastseg._separable_conv2d_backward(
-        grad.contiguous(), x, dw_weight, pw_weight, *affine, *ctx.geometry)
-    g_affine = [g if has else None for g, has in zip(grads[3:], ctx.has_affine, strict=True)]
-    return (*grads[:3], *g_affine) + (None,) * len(ctx.geometry)
+def register_separable_conv2d_autograd(op: str, backward_op) -> None:
+    """Autograd for ``op`` (separable_conv2d's schema) through ``backward_op``, which returns the
+    grads of (x, dw_weight, pw_weight, dw_scale, dw_shift, pw_scale, pw_shift); absent affines
+    come back as empty tensors and get None."""
+
+    def backward(ctx, grad):
+        x, dw_weight, pw_weight, *present = ctx.saved_tensors
+        it = iter(present)
+        affine = [next(it) if has else None for has in ctx.has_affine]
+        grads = backward_op(grad.contiguous(), x, dw_weight, pw_weight, *affine, *ctx.geometry)
+        g_affine = [g if has else None for g, has in zip(grads[3:], ctx.has_affine, strict=True)]
+        return (*grads[:3], *g_affine) + (None,) * len(ctx.geometry)
+
+    torch.library.register_autograd(op, backward, setup_context=_sep_setup)
 
 
-torch.library.register_autograd("fastseg::separable_conv2d", _sep_backward, setup_context=_sep_setup)
+def register_compiled() -> None:
+    register_separable_conv2d_autograd("fastseg::separable_conv2d",
+                                       torch.ops.fastseg._separable_conv2d_backward)
