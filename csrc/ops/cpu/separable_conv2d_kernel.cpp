@@ -160,34 +160,72 @@ at::Tensor depthwise_forward(const at::Tensor& x, const at::Tensor& w, const Sep
   return out;
 }
 
+// Transpose of depthwise_rows for one plane: scatters grad [Ho, Wo] into gx [H, W] (zeroed).
+template <typename T>
+FASTSEG_CPU_CLONES void depthwise_plane_backward_input(const T* __restrict__ grad,
+                                                       const T* __restrict__ wc,
+                                                       T* __restrict__ gx, const Plane& pl) {
+  const int64_t H = pl.H, W = pl.W, Wo = pl.Wo, k = pl.k, s = pl.s, d = pl.d, pb = pl.pb;
+  const int64_t *lo = pl.lo.data(), *hi = pl.hi.data(), *off = pl.off.data();
+  for (int64_t oh = 0; oh < pl.Ho; ++oh) {
+    const T* grow = grad + oh * Wo;
+    for (int64_t i = 0; i < k; ++i) {
+      const int64_t ih = tap_input(oh, i, s, d, pb);
+      if (ih < 0 || ih >= H) continue;
+      for (int64_t j = 0; j < k; ++j) {
+        const T wv = wc[i * k + j];
+        T* xs = gx + ih * W + off[j];
+        if (s == 1) {
+          for (int64_t ow = lo[j]; ow < hi[j]; ++ow) xs[ow] += wv * grow[ow];
+        } else {
+          for (int64_t ow = lo[j]; ow < hi[j]; ++ow) xs[ow * s] += wv * grow[ow];
+        }
+      }
+    }
+  }
+}
+
+// Weight gradient of one plane: acc[i * k + j] += sum over outputs of grad * tapped input.
+// Rows are summed in T, then accumulated in double (sums over N * Ho * Wo can be long).
+template <typename T>
+FASTSEG_CPU_CLONES void depthwise_plane_backward_weight(const T* __restrict__ grad,
+                                                        const T* __restrict__ x, double* acc,
+                                                        const Plane& pl) {
+  const int64_t H = pl.H, W = pl.W, Wo = pl.Wo, k = pl.k, s = pl.s, d = pl.d, pb = pl.pb;
+  const int64_t *lo = pl.lo.data(), *hi = pl.hi.data(), *off = pl.off.data();
+  for (int64_t oh = 0; oh < pl.Ho; ++oh) {
+    const T* grow = grad + oh * Wo;
+    for (int64_t i = 0; i < k; ++i) {
+      const int64_t ih = tap_input(oh, i, s, d, pb);
+      if (ih < 0 || ih >= H) continue;
+      for (int64_t j = 0; j < k; ++j) {
+        const T* xs = x + ih * W + off[j];
+        T row = 0;
+        if (s == 1) {
+          for (int64_t ow = lo[j]; ow < hi[j]; ++ow) row += grow[ow] * xs[ow];
+        } else {
+          for (int64_t ow = lo[j]; ow < hi[j]; ++ow) row += grow[ow] * xs[ow * s];
+        }
+        acc[i * k + j] += row;
+      }
+    }
+  }
+}
+
 at::Tensor depthwise_backward_input(const at::Tensor& grad, const at::Tensor& w, int64_t H,
                                     int64_t W, const SepConvGeometry& g) {
   const int64_t N = grad.size(0), C = grad.size(1);
   const Plane pl = plane_of(H, W, w.size(2), g);
-  const int64_t k = pl.k, P = pl.Ho * pl.Wo;
+  const int64_t kk = pl.k * pl.k, P = pl.Ho * pl.Wo;
   auto gx = at::zeros({N, C, H, W}, grad.options());
   if (gx.numel() == 0 || grad.numel() == 0) return gx;
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "depthwise_backward_input_cpu", [&] {
     const scalar_t *gp = grad.const_data_ptr<scalar_t>(), *wp = w.const_data_ptr<scalar_t>();
     scalar_t* xp = gx.mutable_data_ptr<scalar_t>();
-    // One plane per task: the scatter below never crosses planes, so it needs no atomics.
+    // One plane per task: the scatter never crosses planes, so it needs no atomics.
     at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
-      for (int64_t nc = b; nc < e; ++nc) {
-        const scalar_t* wc = wp + (nc % C) * k * k;
-        for (int64_t oh = 0; oh < pl.Ho; ++oh) {
-          const scalar_t* __restrict__ grow = gp + nc * P + oh * pl.Wo;
-          for (int64_t i = 0; i < k; ++i) {
-            const int64_t ih = tap_input(oh, i, pl.s, pl.d, pl.pb);
-            if (ih < 0 || ih >= H) continue;
-            scalar_t* __restrict__ xrow = xp + (nc * H + ih) * W;
-            for (int64_t j = 0; j < k; ++j) {
-              const scalar_t wv = wc[i * k + j];
-              const int64_t lo = pl.lo[j], hi = pl.hi[j], off = pl.off[j];
-              for (int64_t ow = lo; ow < hi; ++ow) xrow[ow * pl.s + off] += wv * grow[ow];
-            }
-          }
-        }
-      }
+      for (int64_t nc = b; nc < e; ++nc)
+        depthwise_plane_backward_input(gp + nc * P, wp + (nc % C) * kk, xp + nc * H * W, pl);
     });
   });
   return gx;
@@ -204,25 +242,11 @@ at::Tensor depthwise_backward_weight(const at::Tensor& grad, const at::Tensor& x
     const scalar_t *gp = grad.const_data_ptr<scalar_t>(), *xp = x.const_data_ptr<scalar_t>();
     scalar_t* wp = gw.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
-      std::vector<double> acc(k * k);  // long sums over N * Ho * Wo: accumulate rows in double
+      std::vector<double> acc(k * k);
       for (int64_t c = b; c < e; ++c) {
         std::fill(acc.begin(), acc.end(), 0.0);
-        for (int64_t n = 0; n < N; ++n) {
-          for (int64_t oh = 0; oh < pl.Ho; ++oh) {
-            const scalar_t* __restrict__ grow = gp + (n * C + c) * P + oh * pl.Wo;
-            for (int64_t i = 0; i < k; ++i) {
-              const int64_t ih = tap_input(oh, i, pl.s, pl.d, pl.pb);
-              if (ih < 0 || ih >= pl.H) continue;
-              const scalar_t* __restrict__ xrow = xp + (n * C + c) * HW + ih * pl.W;
-              for (int64_t j = 0; j < k; ++j) {
-                const int64_t lo = pl.lo[j], hi = pl.hi[j], off = pl.off[j];
-                scalar_t row = 0;
-                for (int64_t ow = lo; ow < hi; ++ow) row += grow[ow] * xrow[ow * pl.s + off];
-                acc[i * k + j] += row;
-              }
-            }
-          }
-        }
+        for (int64_t n = 0; n < N; ++n)
+          depthwise_plane_backward_weight(gp + (n * C + c) * P, xp + (n * C + c) * HW, acc.data(), pl);
         for (int64_t t = 0; t < k * k; ++t) wp[c * k * k + t] = static_cast<scalar_t>(acc[t]);
       }
     });
