@@ -32,14 +32,20 @@ def pytest_collection_modifyitems(config, items):
 
 def assert_matches_reference(out: torch.Tensor, ref64: torch.Tensor, ref_same_dtype: torch.Tensor | None = None,
                              name: str = "output") -> None:
-    """``out`` against the float64 reference with the dtype's tolerance. Low precision follows the
-    ratio rule: error(out) <= 2 * error(PyTorch reference in out's dtype) + atol."""
+    """``out`` against the float64 reference with the dtype's tolerance.
+
+    Low precision follows the ratio rule: error(out) <= 2 * error(PyTorch reference in out's dtype)
+    + atol. float32 must meet the table, or, for ill-conditioned cases (softmax of energies in the
+    hundreds), the same ratio rule against the float32 PyTorch reference when one is given."""
     assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
     atol, rtol = TOL[out.dtype]
-    if out.dtype in LOW_PRECISION:
+    if out.numel() == 0:
+        return
+    within_table = torch.allclose(out.double(), ref64, atol=atol, rtol=rtol)
+    if out.dtype in LOW_PRECISION or (not within_table and ref_same_dtype is not None):
         assert ref_same_dtype is not None, "the ratio rule needs the same-dtype reference"
-        err = (out.double() - ref64).abs().max().item() if out.numel() else 0.0
-        ref_err = (ref_same_dtype.double() - ref64).abs().max().item() if out.numel() else 0.0
+        err = (out.double() - ref64).abs().max().item()
+        ref_err = (ref_same_dtype.double() - ref64).abs().max().item()
         assert err <= 2 * ref_err + atol, f"{name}: error {err:.3g} > 2 x reference error {ref_err:.3g} + {atol}"
     else:
         torch.testing.assert_close(out.double(), ref64, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")

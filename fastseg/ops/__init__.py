@@ -12,6 +12,7 @@ from fastseg.ops._backend import (
     backend_status,
     use_backend,
 )
+from fastseg.ops.attention import channel_attention, position_attention
 from fastseg.ops.separable_conv import separable_conv2d
 
 if _extension.has_ops():
@@ -25,6 +26,8 @@ __all__ = [
     "BackendUnavailableError",
     "available_backends",
     "backend_status",
+    "channel_attention",
+    "position_attention",
     "separable_conv2d",
     "use_backend",
 ]

@@ -34,6 +34,26 @@ def register_separable_conv2d_autograd(op: str, backward_op) -> None:
     torch.library.register_autograd(op, backward, setup_context=_sep_setup)
 
 
+def _pam_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _pam_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    return tuple(torch.ops.fastseg._position_attention_backward(grad_out.contiguous(), q, k, v, out, lse))
+
+
+def _cam_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _cam_backward(ctx, grad_out):
+    (x,) = ctx.saved_tensors
+    return torch.ops.fastseg._channel_attention_backward(grad_out.contiguous(), x)
+
+
 def register_compiled() -> None:
     register_separable_conv2d_autograd("fastseg::separable_conv2d",
                                        torch.ops.fastseg._separable_conv2d_backward)
+    torch.library.register_autograd("fastseg::position_attention", _pam_backward, setup_context=_pam_setup)
+    torch.library.register_autograd("fastseg::channel_attention", _cam_backward, setup_context=_cam_setup)

@@ -27,3 +27,29 @@ def _separable_conv2d_backward_fake(grad_out, x, dw_weight, pw_weight, dw_scale,
             torch.empty_like(dw_weight, memory_format=torch.contiguous_format),
             torch.empty_like(pw_weight, memory_format=torch.contiguous_format),
             like(dw_scale), like(dw_shift), like(pw_scale), like(pw_shift))
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("fastseg::position_attention")
+def _position_attention_fake(q, k, v):
+    b, _, h, w = v.shape
+    return (torch.empty_like(v, memory_format=torch.contiguous_format),
+            q.new_empty((b, h * w), dtype=_opmath(q.dtype)))
+
+
+@torch.library.register_fake("fastseg::_position_attention_backward")
+def _position_attention_backward_fake(grad_out, q, k, v, out, lse):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+@torch.library.register_fake("fastseg::channel_attention")
+def _channel_attention_fake(x):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("fastseg::_channel_attention_backward")
+def _channel_attention_backward_fake(grad_out, x):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -3,10 +3,17 @@ backend. Written for clarity, not speed; every function runs on any device and d
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["conv_out_size", "fixed_padding", "separable_conv2d"]
+__all__ = [
+    "channel_attention",
+    "conv_out_size",
+    "fixed_padding",
+    "position_attention",
+    "separable_conv2d",
+]
 
 
 def fixed_padding(kernel_size: int, dilation: int, padding: str | int | tuple[int, int]) -> tuple[int, int]:
@@ -77,3 +84,33 @@ def separable_conv2d(
     y = _affine_act(y, dw_scale, dw_shift, dw_relu)
     z = F.conv2d(y, pw_weight)
     return _affine_act(z, pw_scale, pw_shift, relu)
+
+
+def gamma_residual(out: Tensor, gamma: Tensor | None, residual: Tensor | None) -> Tensor:
+    """DANet's attention epilogue: gamma·out + residual, each term optional."""
+    if gamma is not None:
+        out = gamma * out
+    return out if residual is None else out + residual
+
+
+def position_attention(q: Tensor, k: Tensor, v: Tensor, *, gamma: Tensor | None = None,
+                       residual: Tensor | None = None) -> Tensor:
+    """DANet position attention (PAM). q, k [B, Ck, H, W], v [B, C, H, W], N = H·W:
+    energy = qᵀk [B, N, N] (no 1/√d scaling), A = softmax over keys, out = v·Aᵀ [B, C, H, W];
+    returns gamma·out + residual (each optional). Materialises the N×N matrix."""
+    b, c, h, w = v.shape
+    energy = torch.bmm(q.flatten(2).transpose(1, 2), k.flatten(2))
+    attn = torch.softmax(energy, dim=-1)
+    out = torch.bmm(v.flatten(2), attn.transpose(1, 2)).view(b, c, h, w)
+    return gamma_residual(out, gamma, residual)
+
+
+def channel_attention(x: Tensor, *, gamma: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
+    """DANet channel attention (CAM). x [B, C, H, W]: E = X·Xᵀ [B, C, C],
+    A = softmax(rowmax(E) − E), out = A·X [B, C, H, W]; returns gamma·out + residual."""
+    b, c, h, w = x.shape
+    flat = x.flatten(2)
+    energy = torch.bmm(flat, flat.transpose(1, 2))
+    attn = torch.softmax(energy.amax(dim=-1, keepdim=True) - energy, dim=-1)
+    out = torch.bmm(attn, flat).view(b, c, h, w)
+    return gamma_residual(out, gamma, residual)

@@ -1,0 +1,177 @@
+"""fastseg.ops.position_attention (DANet PAM): every backend against the float64 reference."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import pytest
+import torch
+from conftest import assert_matches_reference
+
+from fastseg import ops
+from fastseg.ops import _reference
+
+
+@dataclass(frozen=True)
+class Case:
+    b: int
+    ck: int
+    c: int
+    h: int
+    w: int
+    std: float = 1.0  # std 3 gives energies in the hundreds: the softmax must stay stable
+    epilogue: str = "none"  # none, gamma, residual, both
+
+    @property
+    def small(self) -> bool:
+        return self.b * self.c * self.h * self.w <= 600 and self.h * self.w <= 64
+
+    def __str__(self) -> str:
+        return f"b{self.b}ck{self.ck}c{self.c}_{self.h}x{self.w}_std{self.std:g}_{self.epilogue}"
+
+
+# N never a multiple of a tile; H or W = 1; Ck from 1 to 64; C up to 512 on small N.
+CASES = [
+    Case(2, 3, 5, 7, 9, epilogue="both"),
+    Case(1, 1, 7, 5, 1),
+    Case(3, 8, 13, 1, 11, epilogue="gamma"),
+    Case(1, 64, 33, 19, 23, std=3.0, epilogue="residual"),
+    Case(2, 17, 512, 5, 7, epilogue="both"),
+    Case(1, 64, 70, 37, 41, std=3.0),  # N = 1517: several query and key blocks, ragged edges
+    Case(1, 5, 3, 1, 1),  # N = 1
+    Case(0, 8, 16, 9, 9, epilogue="both"),  # empty batch
+]
+IDS = [str(c) for c in CASES]
+
+
+def sample_inputs(case: Case, device, dtype, requires_grad: bool = False):
+    """(args, kwargs) for ops.position_attention: fresh random inputs, never zeros."""
+    torch.manual_seed(zlib.crc32(str(case).encode()))
+
+    def make(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device, dtype=torch.float64) * scale).to(dtype)
+
+    # Queries and keys at std/sqrt-ish scales keep energies ~std² * sqrt(Ck), as DANet's are.
+    q = make(case.b, case.ck, case.h, case.w, scale=case.std)
+    k = make(case.b, case.ck, case.h, case.w, scale=case.std)
+    v = make(case.b, case.c, case.h, case.w)
+    kwargs = {}
+    if case.epilogue in ("gamma", "both"):
+        kwargs["gamma"] = make(1, scale=0.5)
+    if case.epilogue in ("residual", "both"):
+        kwargs["residual"] = make(case.b, case.c, case.h, case.w)
+    args = [q, k, v]
+    if requires_grad:
+        for t in args + list(kwargs.values()):
+            t.requires_grad_(True)
+    return args, kwargs
+
+
+def _as_double(ts):
+    return [t.detach().double().requires_grad_(t.requires_grad) for t in ts]
+
+
+def check(case: Case, backend: str, device: str, dtype: torch.dtype) -> None:
+    args, kwargs = sample_inputs(case, device, dtype, requires_grad=True)
+    names = ["q", "k", "v", *kwargs]
+    leaves = args + list(kwargs.values())
+    leaves64 = _as_double(leaves)
+    out = ops.position_attention(*args, **kwargs, backend=backend)
+    ref64 = _reference.position_attention(*leaves64[:3], **dict(zip(kwargs, leaves64[3:], strict=True)))
+    ref_lp = _reference.position_attention(*args, **kwargs) if dtype != torch.float64 else None
+    assert out.dtype == dtype
+    assert_matches_reference(out, ref64, ref_lp)
+    if out.numel() == 0:
+        return
+    grad = torch.randn_like(ref64)
+    got = torch.autograd.grad(out, leaves, grad.to(dtype))
+    want = torch.autograd.grad(ref64, leaves64, grad)
+    want_lp = torch.autograd.grad(ref_lp, leaves, grad.to(dtype)) if ref_lp is not None else [None] * len(got)
+    for name, g, w, wl in zip(names, got, want, want_lp, strict=True):
+        assert_matches_reference(g, w, wl, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_cpu_matches_reference(backend, case, dtype):
+    check(case, backend, "cpu", dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_triton_gpu_matches_reference(case, dtype):
+    check(case, "triton", "cuda", dtype)
+
+
+SMALL = [c for c in CASES if c.small and c.b > 0]
+
+
+@pytest.mark.parametrize("case", SMALL, ids=[str(c) for c in SMALL])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_gradcheck(backend, case):
+    args, kwargs = sample_inputs(case, "cpu", torch.float64, requires_grad=True)
+    names = list(kwargs)
+
+    def fn(q, k, v, *extra):
+        return ops.position_attention(q, k, v, **dict(zip(names, extra, strict=True)), backend=backend)
+
+    assert torch.autograd.gradcheck(fn, args + list(kwargs.values()), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[6], CASES[7]], ids=str)
+def test_opcheck(case):
+    args, _ = sample_inputs(case, "cpu", torch.float32, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastseg.position_attention.default, tuple(args))
+    out, lse = torch.ops.fastseg.position_attention(*[a.detach() for a in args])
+    torch.library.opcheck(torch.ops.fastseg._position_attention_backward.default,
+                          (torch.randn_like(out), *[a.detach() for a in args], out, lse))
+
+
+def test_compile_fullgraph_cpu():
+    args, kwargs = sample_inputs(CASES[0], "cpu", torch.float32)
+
+    def f(q, k, v, gamma, residual):
+        return ops.position_attention(q, k, v, gamma=gamma, residual=residual, backend="cpu").relu()
+
+    torch._dynamo.reset()
+    inputs = args + list(kwargs.values())
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(*inputs), f(*inputs))
+
+
+def test_cpu_never_builds_the_nxn_matrix():
+    """Fused forward and backward at N = 4096: no allocation near N² floats (64 MB)."""
+    q, k = torch.randn(1, 64, 64, 64, requires_grad=True), torch.randn(1, 64, 64, 64, requires_grad=True)
+    v = torch.randn(1, 128, 64, 64, requires_grad=True)
+    with torch.profiler.profile(profile_memory=True) as prof:
+        ops.position_attention(q, k, v, backend="cpu").sum().backward()
+    biggest = max(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
+    assert biggest < 64 * 64 * 64 * 64 * 4 / 8, f"an allocation of {biggest} bytes"
+
+
+BAD = [
+    ("q/k channel mismatch", dict(k=torch.randn(1, 3, 5, 6)), {}, "q and k must have the same shape"),
+    ("spatial mismatch q/v", dict(v=torch.randn(1, 7, 5, 5)), {}, "spatial mismatch"),
+    ("batch mismatch", dict(v=torch.randn(2, 7, 5, 6)), {}, "batch"),
+    ("wrong rank", dict(q=torch.randn(4, 5, 6)), {}, "q must be 4-D"),
+    ("integer dtype", dict(v=torch.ones(1, 7, 5, 6, dtype=torch.int32)), {}, "v must be floating"),
+    ("dtype mix", dict(v=torch.randn(1, 7, 5, 6, dtype=torch.float64)), {}, "v dtype"),
+    ("gamma of wrong shape", {}, {"gamma": torch.randn(2)}, "gamma must be a 1-element"),
+    ("residual of wrong shape", {}, {"residual": torch.randn(1, 7, 5, 5)}, "residual must have"),
+]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("name,over,kwargs,match", BAD, ids=[b[0] for b in BAD])
+def test_bad_input(backend, name, over, kwargs, match):
+    t = {"q": torch.randn(1, 4, 5, 6), "k": torch.randn(1, 4, 5, 6), "v": torch.randn(1, 7, 5, 6), **over}
+    with pytest.raises(ValueError, match=match):
+        ops.position_attention(t["q"], t["k"], t["v"], **kwargs, backend=backend)
+
+
+def test_bad_input_reaches_cpp_checks():
+    with pytest.raises(RuntimeError, match="spatial"):
+        torch.ops.fastseg.position_attention(torch.randn(1, 4, 5, 6), torch.randn(1, 4, 5, 6),
+                                             torch.randn(1, 7, 6, 5))
