@@ -943,24 +943,24 @@ def _fmt(v: float | None, spec: str) -> str:
 
 
 def _table(rows: Sequence[_Row], device: torch.device) -> str:
-    head = ["case", "dtype", "backend", "ref ms", "ms", "speed-up", "ref peak MB", "peak MB", "rel err", "status"]
+    head = ["op", "case", "dtype", "backend", "ref ms", "ms", "speed-up", "ref peak MB", "peak MB", "rel err", "status"]
     if device.type == "cuda":
-        head[8:8] = ["ref GB/s", "GB/s", "%copy", "TFLOP/s"]
+        head[9:9] = ["ref GB/s", "GB/s", "%copy", "TFLOP/s"]
     lines = []
     for r in rows:
         speed = "-" if r.speedup is None else f"{r.speedup:.2f}x"
         err = r.check.get("err_vs_fp64")
-        cells = [r.case, r.dtype, r.backend,
+        cells = [r.op, r.case, r.dtype, r.backend,
                  _fmt(r.ref_ms, ".3f") + ("" if r.ref_iqr_ms is None else f" ±{r.ref_iqr_ms / 2:.3f}"),
                  _fmt(r.ms, ".3f") + ("" if r.iqr_ms is None else f" ±{r.iqr_ms / 2:.3f}"),
                  speed, _fmt(r.ref_peak_MB, ".2f"), _fmt(r.peak_MB, ".2f"),
                  "-" if err is None else f"{err:.1e}", r.status + (f": {r.message[:60]}" if r.message else "")]
         if device.type == "cuda":
-            cells[8:8] = [_fmt(r.ref_GBps, ".0f"), _fmt(r.GBps, ".0f"), _fmt(r.pct_copy_bw, ".0f"),
+            cells[9:9] = [_fmt(r.ref_GBps, ".0f"), _fmt(r.GBps, ".0f"), _fmt(r.pct_copy_bw, ".0f"),
                           _fmt(r.TFLOPs, ".1f")]
         lines.append(cells)
     widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h) for i, h in enumerate(head)]
-    fmt_line = "  ".join(f"{{:{'<' if i < 3 or i == len(head) - 1 else '>'}{w}}}" for i, w in enumerate(widths))
+    fmt_line = "  ".join(f"{{:{'<' if i < 4 or i == len(head) - 1 else '>'}{w}}}" for i, w in enumerate(widths))
     out = [fmt_line.format(*head), "  ".join("-" * w for w in widths)]
     out += [fmt_line.format(*c) for c in lines]
     out.append("ms: median ± IQR/2 of one call; speed-up = ref ms / ms (ref = eager PyTorch from "
@@ -997,15 +997,20 @@ def _plot(path: Path, rows: Sequence[_Row], title: str) -> str | None:
         return f"matplotlib unavailable ({e})"
     groups: list[str] = []
     backends: list[str] = []
+    several_ops = len({r.op for r in rows}) > 1
+
+    def group(r: _Row) -> str:
+        return (f"{r.op}: " if several_ops else "") + f"{r.case} [{r.dtype}]"
+
     for r in rows:
-        g = f"{r.case} [{r.dtype}]"
+        g = group(r)
         if g not in groups:
             groups.append(g)
         if r.backend != "-" and r.backend not in backends:
             backends.append(r.backend)
     if not groups or not backends:
         return "nothing to plot"
-    data = {(f"{r.case} [{r.dtype}]", r.backend): r for r in rows}
+    data = {(group(r), r.backend): r for r in rows}
     width = 0.8 / len(backends)
     fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 0.55 * len(groups) * max(1, len(backends)) + 2), 9),
                              sharex=True, gridspec_kw={"height_ratios": [2, 1]})
@@ -1172,7 +1177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     failures = [r for r in rows if r.status in ("FAIL", "ERROR")]
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{device.type}-{'+'.join(op_names)}" + ("-quick" if args.quick else "")
+    which = "all" if set(op_names) == set(OPS) else "-".join(op_names)
+    stem = f"{device.type}-{which}" + ("-quick" if args.quick else "")
     result = {
         "schema": 1,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
