@@ -24,7 +24,6 @@ no fp16 overflow of the backward's M, better than rounding A to bf16). float32 u
 ``TRITON_INTERPRET=1`` on CPU tensors.
 """
 
-import os
 
 import torch
 import triton
@@ -32,29 +31,11 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
+from fastseg.triton_kernels._common import check_dtype, hw_offsets, interpreting, pow2
+
 __all__ = ["channel_attention"]
 
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _interpreting() -> bool:
-    # wrap_triton cannot wrap an interpreted kernel: launch the raw one under the interpreter.
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _pow2(n: int, lo: int, hi: int) -> int:
-    """The power of two >= n, clamped to [lo, hi]."""
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
-
-
 # ---- kernels ---------------------------------------------------------------------------------
-
-
-@triton.jit
-def _hw_offsets(offs, W, s_h, s_w):
-    """Element offsets of the flattened positions ``offs`` (n = h * W + w) in a tensor whose H and W
-    strides are (s_h, s_w): any memory format, no copy."""
-    return (offs // W) * s_h + (offs % W) * s_w
 
 
 @triton.jit
@@ -91,9 +72,9 @@ def _channel_attention_gram_kernel(
     for k0 in range(0, n_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < N
-        p = tl.load(p_base + _hw_offsets(offs_k, W, sph, spw)[None, :],
+        p = tl.load(p_base + hw_offsets(offs_k, W, sph, spw)[None, :],
                     mask=mask_i[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_I, BLOCK_K]
-        qt = tl.load(q_base + _hw_offsets(offs_k, W, sqh, sqw)[:, None],
+        qt = tl.load(q_base + hw_offsets(offs_k, W, sqh, sqw)[:, None],
                      mask=mask_k[:, None] & mask_j[None, :], other=0.0)  # [BLOCK_K, BLOCK_J]
         if IEEE:
             acc = tl.dot(p, qt, acc, input_precision="ieee")
@@ -169,9 +150,9 @@ def _channel_attention_matmul_kernel(
     mask_i = offs_i < C
 
     l_base = l_ptr + b * slb + offs_i[:, None] * sli  # [BLOCK_I, 1]
-    r_base = r_ptr + b * srb + _hw_offsets(offs_j, W, srh, srw)[None, :]  # [1, BLOCK_J]
+    r_base = r_ptr + b * srb + hw_offsets(offs_j, W, srh, srw)[None, :]  # [1, BLOCK_J]
     l2_base = l2_ptr + b * sl2b + offs_i[:, None] * sl2i
-    r2_base = r2_ptr + b * sr2b + _hw_offsets(offs_j, W, sr2h, sr2w)[None, :]
+    r2_base = r2_ptr + b * sr2b + hw_offsets(offs_j, W, sr2h, sr2w)[None, :]
     acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
     for k0 in range(0, C, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -205,12 +186,12 @@ def _blocks(C: int, N: int, dtype: torch.dtype) -> dict[str, int]:
     MM_K channels per step; SM_R rows x SM_C columns per softmax step. Checked with ptxas for sm_90
     (Triton 3.8): no register spills; at most 104 KiB of shared memory (the two-term TF32 product)."""
     if dtype == torch.float32:
-        return dict(GRAM=_pow2(C, 16, 64), GRAM_K=_pow2(N, 16, 32), GRAM_WARPS=8, GRAM_STAGES=2,
-                    MM_I=_pow2(C, 16, 64), MM_J=_pow2(N, 16, 64), MM_K=_pow2(C, 16, 16),
-                    MM_WARPS=4, MM_STAGES=2, SM_R=4, SM_C=_pow2(C, 16, 512))
-    return dict(GRAM=_pow2(C, 16, 64), GRAM_K=_pow2(N, 16, 64), GRAM_WARPS=8, GRAM_STAGES=3,
-                MM_I=_pow2(C, 16, 128), MM_J=_pow2(N, 16, 64), MM_K=_pow2(C, 16, 32),
-                MM_WARPS=8, MM_STAGES=3, SM_R=4, SM_C=_pow2(C, 16, 512))
+        return dict(GRAM=pow2(C, 16, 64), GRAM_K=pow2(N, 16, 32), GRAM_WARPS=8, GRAM_STAGES=2,
+                    MM_I=pow2(C, 16, 64), MM_J=pow2(N, 16, 64), MM_K=pow2(C, 16, 16),
+                    MM_WARPS=4, MM_STAGES=2, SM_R=4, SM_C=pow2(C, 16, 512))
+    return dict(GRAM=pow2(C, 16, 64), GRAM_K=pow2(N, 16, 64), GRAM_WARPS=8, GRAM_STAGES=3,
+                MM_I=pow2(C, 16, 128), MM_J=pow2(N, 16, 64), MM_K=pow2(C, 16, 32),
+                MM_WARPS=8, MM_STAGES=3, SM_R=4, SM_C=pow2(C, 16, 512))
 
 
 def _strides(t: Tensor) -> tuple[int, ...]:
@@ -227,7 +208,7 @@ def _launch_gram(p: Tensor, q: Tensor, bs: dict[str, int]) -> Tensor:
         return torch.zeros((B, C, C), device=p.device, dtype=torch.float32)
     e = torch.empty((B, C, C), device=p.device, dtype=torch.float32)
     grid = (B * triton.cdiv(C, bs["GRAM"]), triton.cdiv(C, bs["GRAM"]))
-    kernel = _channel_attention_gram_kernel if _interpreting() else wrap_triton(_channel_attention_gram_kernel)
+    kernel = _channel_attention_gram_kernel if interpreting() else wrap_triton(_channel_attention_gram_kernel)
     kernel[grid](
         p, q, e,
         C, W, N,
@@ -245,7 +226,7 @@ def _launch_softmax_(e: Tensor, bs: dict[str, int]) -> Tensor:
     if e.numel() == 0:
         return e
     R = B * C
-    kernel = _channel_attention_softmax_kernel if _interpreting() else wrap_triton(_channel_attention_softmax_kernel)
+    kernel = _channel_attention_softmax_kernel if interpreting() else wrap_triton(_channel_attention_softmax_kernel)
     kernel[(triton.cdiv(R, bs["SM_R"]),)](
         e, e, R, C, BLOCK_R=bs["SM_R"], BLOCK_C=bs["SM_C"], num_warps=4,
     )
@@ -265,7 +246,7 @@ def _launch_matmul(lhs: Tensor, rhs: Tensor, bs: dict[str, int], lhs2: Tensor | 
     if not two:
         lhs2, rhs2 = lhs, rhs  # stand-ins, never read
     grid = (B * triton.cdiv(N, bs["MM_J"]), triton.cdiv(C, bs["MM_I"]))
-    kernel = _channel_attention_matmul_kernel if _interpreting() else wrap_triton(_channel_attention_matmul_kernel)
+    kernel = _channel_attention_matmul_kernel if interpreting() else wrap_triton(_channel_attention_matmul_kernel)
     kernel[grid](
         lhs, rhs, lhs2, rhs2, out,
         C, W, N,
@@ -306,9 +287,7 @@ def _launch_channel_attention_bwd(grad_out: Tensor, x: Tensor, blocks: dict[str,
 
 
 def _check(x: Tensor) -> None:
-    if x.dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(f"the triton backend of channel_attention supports float32, float16 and bfloat16 x, "
-                         f"got {x.dtype}")
+    check_dtype("channel_attention", "x", x)
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D [B, C, H, W], got shape {tuple(x.shape)}")
 

@@ -28,7 +28,6 @@ inputs, fp16/bf16 operands as they are, with P and dS rounded to the input dtype
 flash attention); float32 under ``TRITON_INTERPRET=1`` on CPU tensors.
 """
 
-import os
 
 import torch
 import triton
@@ -36,29 +35,11 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
+from fastseg.triton_kernels._common import check_dtype, hw_offsets, interpreting, pow2
+
 __all__ = ["position_attention"]
 
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _interpreting() -> bool:
-    # wrap_triton cannot wrap an interpreted kernel: launch the raw one under the interpreter.
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _pow2(n: int, lo: int, hi: int) -> int:
-    """The power of two >= n, clamped to [lo, hi]."""
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
-
-
 # ---- kernels ---------------------------------------------------------------------------------
-
-
-@triton.jit
-def _hw_offsets(offs, W, s_h, s_w):
-    """Element offsets of the flattened positions ``offs`` (i = h * W + w) in a tensor whose H and W
-    strides are (s_h, s_w): any memory format, no copy."""
-    return (offs // W) * s_h + (offs % W) * s_w
 
 
 @triton.jit
@@ -100,7 +81,7 @@ def _position_attention_fwd_kernel(
     mask_c = offs_c < C
 
     # q block [BLOCK_M, BLOCK_D]; padded rows / columns are zero.
-    q = tl.load(q_ptr + b * sqb + _hw_offsets(offs_m, W, sqh, sqw)[:, None] + offs_d[None, :] * sqc,
+    q = tl.load(q_ptr + b * sqb + hw_offsets(offs_m, W, sqh, sqw)[:, None] + offs_d[None, :] * sqc,
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     k_base = k_ptr + b * skb + offs_d[:, None] * skc  # [BLOCK_D, 1]
     v_base = v_ptr + b * svb + offs_c[None, :] * svc  # [1, BLOCK_C]
@@ -113,7 +94,7 @@ def _position_attention_fwd_kernel(
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        kt = tl.load(k_base + _hw_offsets(offs_n, W, skh, skw)[None, :],
+        kt = tl.load(k_base + hw_offsets(offs_n, W, skh, skw)[None, :],
                      mask=mask_d[:, None] & mask_n[None, :], other=0.0)  # [BLOCK_D, BLOCK_N]
         s = _mma(q, kt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IEEE)
         s = tl.where(mask_n[None, :], s, float("-inf"))
@@ -122,7 +103,7 @@ def _position_attention_fwd_kernel(
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        vt = tl.load(v_base + _hw_offsets(offs_n, W, svh, svw)[:, None],
+        vt = tl.load(v_base + hw_offsets(offs_n, W, svh, svw)[:, None],
                      mask=mask_n[:, None] & mask_c[None, :], other=0.0)  # [BLOCK_N, BLOCK_C]
         acc = _mma(p, vt, acc * alpha[:, None], IEEE)
         m_i = m_new
@@ -149,8 +130,8 @@ def _position_attention_bwd_preprocess_kernel(
     b = (pid_m // tiles).to(tl.int64)
     offs_m = (pid_m % tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < N
-    o_base = o_ptr + b * sob + _hw_offsets(offs_m, W, soh, sow)[None, :]  # [1, BLOCK_M]
-    do_base = do_ptr + b * sdb + _hw_offsets(offs_m, W, sdh, sdw)[None, :]
+    o_base = o_ptr + b * sob + hw_offsets(offs_m, W, soh, sow)[None, :]  # [1, BLOCK_M]
+    do_base = do_ptr + b * sdb + hw_offsets(offs_m, W, sdh, sdw)[None, :]
     acc = tl.zeros((BLOCK_C, BLOCK_M), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
@@ -196,9 +177,9 @@ def _position_attention_bwd_dkdv_kernel(
     mask_c = offs_c < C
 
     # This program's keys as rows: k^T block [BLOCK_N, BLOCK_D].
-    kt = tl.load(k_ptr + b * skb + _hw_offsets(offs_n, W, skh, skw)[:, None] + offs_d[None, :] * skc,
+    kt = tl.load(k_ptr + b * skb + hw_offsets(offs_n, W, skh, skw)[:, None] + offs_d[None, :] * skc,
                  mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-    hw_v = _hw_offsets(offs_n, W, svh, svw)
+    hw_v = hw_offsets(offs_n, W, svh, svw)
     q_base = q_ptr + b * sqb + offs_d[:, None] * sqc  # [BLOCK_D, 1]
     do_base = do_ptr + b * sdb
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
@@ -206,8 +187,8 @@ def _position_attention_bwd_dkdv_kernel(
     for m0 in range(0, N, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < N
-        hw_do = _hw_offsets(offs_m, W, sdh, sdw)
-        qt = tl.load(q_base + _hw_offsets(offs_m, W, sqh, sqw)[None, :],
+        hw_do = hw_offsets(offs_m, W, sdh, sdw)
+        qt = tl.load(q_base + hw_offsets(offs_m, W, sqh, sqw)[None, :],
                      mask=mask_d[:, None] & mask_m[None, :], other=0.0)  # [BLOCK_D, BLOCK_M]
         st = _mma(kt, qt, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), IEEE)  # S^T
         lse = tl.load(lse_ptr + b * N + offs_m, mask=mask_m, other=0.0)
@@ -267,22 +248,22 @@ def _position_attention_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < Ck
 
-    q = tl.load(q_ptr + b * sqb + _hw_offsets(offs_m, W, sqh, sqw)[:, None] + offs_d[None, :] * sqc,
+    q = tl.load(q_ptr + b * sqb + hw_offsets(offs_m, W, sqh, sqw)[:, None] + offs_d[None, :] * sqc,
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
     lse = tl.load(lse_ptr + b * N + offs_m, mask=mask_m, other=0.0)
     delta = tl.load(delta_ptr + b * N + offs_m, mask=mask_m, other=0.0)
-    do_base = do_ptr + b * sdb + _hw_offsets(offs_m, W, sdh, sdw)[:, None]  # [BLOCK_M, 1]
+    do_base = do_ptr + b * sdb + hw_offsets(offs_m, W, sdh, sdw)[:, None]  # [BLOCK_M, 1]
     k_base = k_ptr + b * skb + offs_d[:, None] * skc  # [BLOCK_D, 1]
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        kt = tl.load(k_base + _hw_offsets(offs_n, W, skh, skw)[None, :],
+        kt = tl.load(k_base + hw_offsets(offs_n, W, skh, skw)[None, :],
                      mask=mask_d[:, None] & mask_n[None, :], other=0.0)  # [BLOCK_D, BLOCK_N]
         s = _mma(q, kt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IEEE)
         p = tl.exp(s - lse[:, None])
         p = tl.where(mask_n[None, :], p, 0.0)  # padded keys add nothing
-        hw_v = _hw_offsets(offs_n, W, svh, svw)
+        hw_v = hw_offsets(offs_n, W, svh, svw)
         dp = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
@@ -312,15 +293,15 @@ def _blocks(Ck: int, C: int, dtype: torch.dtype) -> dict[str, int]:
 
     Checked with ptxas for sm_90 (Triton 3.8): no register spills for Ck <= 64 and C up to 512 in
     any dtype; shared memory <= 41 KiB per program."""
-    D = _pow2(Ck, 16, 1 << 30)
+    D = pow2(Ck, 16, 1 << 30)
     wide = D > 64  # Ck beyond DANet's C / 8 = 64: halve the query tiles so that q stays in registers
     if dtype == torch.float32:
-        return dict(BLOCK_D=D, FWD_M=32 if wide else 64, FWD_N=16, FWD_C=_pow2(C, 16, 64), FWD_WARPS=8,
-                    FWD_STAGES=2, BWD_M=16, BWD_N=32, BLOCK_CB=_pow2(C, 16, 32), BLOCK_CV=_pow2(C, 16, 64),
+        return dict(BLOCK_D=D, FWD_M=32 if wide else 64, FWD_N=16, FWD_C=pow2(C, 16, 64), FWD_WARPS=8,
+                    FWD_STAGES=2, BWD_M=16, BWD_N=32, BLOCK_CB=pow2(C, 16, 32), BLOCK_CV=pow2(C, 16, 64),
                     BWD_WARPS=8, BWD_STAGES=2)
-    return dict(BLOCK_D=D, FWD_M=64 if wide else 128, FWD_N=64, FWD_C=_pow2(C, 16, 128), FWD_WARPS=8,
-                FWD_STAGES=2, BWD_M=32 if wide else 64, BWD_N=64, BLOCK_CB=_pow2(C, 16, 32),
-                BLOCK_CV=_pow2(C, 16, 128), BWD_WARPS=8, BWD_STAGES=2)
+    return dict(BLOCK_D=D, FWD_M=64 if wide else 128, FWD_N=64, FWD_C=pow2(C, 16, 128), FWD_WARPS=8,
+                FWD_STAGES=2, BWD_M=32 if wide else 64, BWD_N=64, BLOCK_CB=pow2(C, 16, 32),
+                BLOCK_CV=pow2(C, 16, 128), BWD_WARPS=8, BWD_STAGES=2)
 
 
 def _check_blocks(bs: dict[str, int], Ck: int) -> None:
@@ -346,7 +327,7 @@ def _launch_position_attention_fwd(q: Tensor, k: Tensor, v: Tensor,
     _check_blocks(bs, Ck)
     # At least one channel block, so that C = 0 still writes lse.
     grid = (B * triton.cdiv(N, bs["FWD_M"]), max(1, triton.cdiv(C, bs["FWD_C"])))
-    kernel = _position_attention_fwd_kernel if _interpreting() else wrap_triton(_position_attention_fwd_kernel)
+    kernel = _position_attention_fwd_kernel if interpreting() else wrap_triton(_position_attention_fwd_kernel)
     kernel[grid](
         q, k, v, out, lse,
         Ck, C, W, N,
@@ -382,7 +363,7 @@ def _launch_position_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Te
 
     delta = torch.empty((B, N), device=q.device, dtype=torch.float32)
     pre = _position_attention_bwd_preprocess_kernel
-    pre = pre if _interpreting() else wrap_triton(_position_attention_bwd_preprocess_kernel)
+    pre = pre if interpreting() else wrap_triton(_position_attention_bwd_preprocess_kernel)
     pre[(query_tiles,)](
         out, grad_out, delta,
         C, W, N,
@@ -393,7 +374,7 @@ def _launch_position_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Te
     args = (q, k, v, grad_out, lse, delta)
     sizes = (Ck, C, W, N, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out))
     dkdv = _position_attention_bwd_dkdv_kernel
-    dkdv = dkdv if _interpreting() else wrap_triton(_position_attention_bwd_dkdv_kernel)
+    dkdv = dkdv if interpreting() else wrap_triton(_position_attention_bwd_dkdv_kernel)
     if C <= bs["BLOCK_CB"]:  # one chunk: dK and dV from the same pass over the queries
         dkdv[(key_tiles, 1)](*args, dk, dv, *sizes, DK=True, DV=True, BLOCK_C=bs["BLOCK_CB"], **tiles, **launch)
     else:  # dV split over programs by channel chunk, dK with the dP loop over all chunks
@@ -402,7 +383,7 @@ def _launch_position_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Te
         dkdv[(key_tiles, 1)](*args, dk, dv, *sizes, DK=True, DV=False, BLOCK_C=bs["BLOCK_CB"], **tiles, **launch)
 
     dq_kernel = _position_attention_bwd_dq_kernel
-    dq_kernel = dq_kernel if _interpreting() else wrap_triton(_position_attention_bwd_dq_kernel)
+    dq_kernel = dq_kernel if interpreting() else wrap_triton(_position_attention_bwd_dq_kernel)
     dq_kernel[(query_tiles,)](*args, dq, *sizes, BLOCK_C=bs["BLOCK_CB"], **tiles, **launch)
     return dq, dk, dv
 
@@ -411,9 +392,7 @@ def _launch_position_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Te
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
-    if q.dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(f"the triton backend of position_attention supports float32, float16 and bfloat16 q, "
-                         f"got {q.dtype}")
+    check_dtype("position_attention", "q", q)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[0] != q.shape[0] \

@@ -16,7 +16,6 @@ Dtypes: float32, float16 and bfloat16 on CUDA (fp32 accumulation everywhere); fl
 ``TRITON_INTERPRET=1`` on CPU tensors.
 """
 
-import os
 
 import torch
 import triton
@@ -24,23 +23,12 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
+from fastseg.triton_kernels._common import check_dtype, interpreting, pow2
+
 from fastseg.ops._autograd import register_separable_conv2d_autograd
 from fastseg.ops._reference import conv_out_size
 
 __all__ = ["separable_conv2d"]
-
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _interpreting() -> bool:
-    # wrap_triton cannot wrap an interpreted kernel: launch the raw one under the interpreter.
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _pow2(n: int, lo: int, hi: int) -> int:
-    """The power of two >= n, clamped to [lo, hi]."""
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
-
 
 # ---- kernels ---------------------------------------------------------------------------------
 
@@ -271,11 +259,11 @@ def _launch_separable_conv2d_fwd(x: Tensor, dw_weight: Tensor, pw_weight: Tensor
     dummy = x  # stands in for an absent affine; never read (its HAS_* flag is False)
     # tl.dot needs every dimension >= 16 on a GPU. Sizes checked with ptxas for sm_80/sm_90 (no
     # spills at k = 3 with 8 warps; the exact-fp32 dot gets the smaller output-channel tile).
-    BLOCK_O = _pow2(OC, 16, 64 if x.dtype == torch.float32 else 128)
+    BLOCK_O = pow2(OC, 16, 64 if x.dtype == torch.float32 else 128)
     BLOCK_C = 16
-    BLOCK_P = _pow2(P, 16, 64 if k <= 3 else 32)
+    BLOCK_P = pow2(P, 16, 64 if k <= 3 else 32)
     grid = (N * triton.cdiv(P, BLOCK_P), triton.cdiv(OC, BLOCK_O))
-    kernel = _separable_conv2d_fwd_kernel if _interpreting() else wrap_triton(_separable_conv2d_fwd_kernel)
+    kernel = _separable_conv2d_fwd_kernel if interpreting() else wrap_triton(_separable_conv2d_fwd_kernel)
     kernel[grid](
         x, dw_weight, pw2, *[dummy if t is None else t for t in affine], out,
         C, OC, H, W, Wo, P,
@@ -294,8 +282,8 @@ def _launch_separable_conv2d_fwd(x: Tensor, dw_weight: Tensor, pw_weight: Tensor
 def _depthwise_blocks(C: int, P: int, k: int) -> tuple[int, int]:
     """(BLOCK_C, BLOCK_P) of the gather-style depthwise kernels: all k*k tap loads of a tile are in
     flight at once, so the tile shrinks as k grows (1024 elements at k <= 3, 512 above; 4 warps)."""
-    BLOCK_C = _pow2(C, 1, 8)
-    BLOCK_P = _pow2(P, 16, (1024 if k <= 3 else 512) // BLOCK_C)
+    BLOCK_C = pow2(C, 1, 8)
+    BLOCK_P = pow2(P, 16, (1024 if k <= 3 else 512) // BLOCK_C)
     return BLOCK_C, BLOCK_P
 
 
@@ -312,7 +300,7 @@ def _launch_depthwise_fwd(x: Tensor, w: Tensor, stride: int, pad_beg: int, pad_e
         return out
     BLOCK_C, BLOCK_P = _depthwise_blocks(C, P, k)
     grid = (N * triton.cdiv(P, BLOCK_P), triton.cdiv(C, BLOCK_C))
-    kernel = _depthwise_fwd_kernel if _interpreting() else wrap_triton(_depthwise_fwd_kernel)
+    kernel = _depthwise_fwd_kernel if interpreting() else wrap_triton(_depthwise_fwd_kernel)
     kernel[grid](
         x, w, out,
         C, H, W, Wo, P,
@@ -334,7 +322,7 @@ def _launch_depthwise_bwd_input(grad: Tensor, w: Tensor, H: int, W: int, stride:
     gx = torch.empty((N, C, H, W), device=grad.device, dtype=torch.float32)
     BLOCK_C, BLOCK_P = _depthwise_blocks(C, H * W, k)
     grid = (N * triton.cdiv(H * W, BLOCK_P), triton.cdiv(C, BLOCK_C))
-    kernel = _depthwise_bwd_input_kernel if _interpreting() else wrap_triton(_depthwise_bwd_input_kernel)
+    kernel = _depthwise_bwd_input_kernel if interpreting() else wrap_triton(_depthwise_bwd_input_kernel)
     kernel[grid](
         grad, w, gx,
         C, H, W, Ho, Wo,
@@ -357,8 +345,8 @@ def _launch_depthwise_bwd_weight(grad: Tensor, x: Tensor, k: int, stride: int, p
     NP = N * P
     if NP == 0 or C == 0:
         return torch.zeros((C, 1, k, k), device=x.device, dtype=torch.float32)
-    BLOCK_C = _pow2(C, 1, 16)
-    BLOCK_P = _pow2(NP, 16, 2048 // BLOCK_C)
+    BLOCK_C = pow2(C, 1, 16)
+    BLOCK_P = pow2(NP, 16, 2048 // BLOCK_C)
     if split is None:
         # At least 32 iterations of BLOCK_P per program, at most 64 splits.
         split = max(1, min(64, triton.cdiv(NP, BLOCK_P * 32)))
@@ -366,7 +354,7 @@ def _launch_depthwise_bwd_weight(grad: Tensor, x: Tensor, k: int, stride: int, p
     split = triton.cdiv(NP, chunk)
     part = torch.empty((split, C, k * k), device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(C, BLOCK_C), k * k, split)
-    kernel = _depthwise_bwd_weight_kernel if _interpreting() else wrap_triton(_depthwise_bwd_weight_kernel)
+    kernel = _depthwise_bwd_weight_kernel if interpreting() else wrap_triton(_depthwise_bwd_weight_kernel)
     kernel[grid](
         grad, x, part,
         C, H, W, Wo, P, NP, chunk,
@@ -380,12 +368,6 @@ def _launch_depthwise_bwd_weight(grad: Tensor, x: Tensor, k: int, stride: int, p
 # ---- ops ---------------------------------------------------------------------------------------
 
 
-def _check_dtype(x: Tensor) -> None:
-    if x.dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(f"the triton backend of separable_conv2d supports float32, float16 and bfloat16 x, "
-                         f"got {x.dtype}")
-
-
 @torch.library.triton_op("fastseg::separable_conv2d_triton", mutates_args=())
 def _separable_conv2d_triton(
     x: Tensor, dw_weight: Tensor, pw_weight: Tensor,
@@ -393,7 +375,7 @@ def _separable_conv2d_triton(
     pw_scale: Tensor | None, pw_shift: Tensor | None,
     stride: int, pad_beg: int, pad_end: int, dilation: int, dw_relu: bool, relu: bool,
 ) -> Tensor:
-    _check_dtype(x)
+    check_dtype("separable_conv2d", "x", x)
     return _launch_separable_conv2d_fwd(x, dw_weight, pw_weight, dw_scale, dw_shift, pw_scale, pw_shift,
                                         stride, pad_beg, pad_end, dilation, dw_relu, relu)
 
@@ -461,7 +443,7 @@ def _separable_conv2d_triton_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Grads of (x, dw_weight, pw_weight, dw_scale, dw_shift, pw_scale, pw_shift); an absent
     affine gets an empty [0] tensor. Follows separable_conv2d_backward_impl (C++)."""
-    _check_dtype(x)
+    check_dtype("separable_conv2d", "x", x)
     # fp32 throughout, even if the caller runs backward inside an autocast region.
     with torch.autocast(device_type=x.device.type, enabled=False):
         return _backward_fp32(grad_out, x, dw_weight, pw_weight, dw_scale, dw_shift, pw_scale, pw_shift,
