@@ -49,3 +49,23 @@ def assert_matches_reference(out: torch.Tensor, ref64: torch.Tensor, ref_same_dt
         assert err <= 2 * ref_err + atol, f"{name}: error {err:.3g} > 2 x reference error {ref_err:.3g} + {atol}"
     else:
         torch.testing.assert_close(out.double(), ref64, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+def check_forward_backward(run, reference, leaves: list[torch.Tensor], names: list[str]) -> None:
+    """``run(*leaves)`` against ``reference`` on float64 copies of the leaves (the oracle) and, for the
+    ratio rule, on the leaves themselves: the output, then the gradient of every leaf."""
+    dtype = leaves[0].dtype
+    leaves64 = [t.detach().double().requires_grad_(True) for t in leaves]
+    out = run(*leaves)
+    ref64 = reference(*leaves64)
+    ref_lp = reference(*leaves) if dtype != torch.float64 else None
+    assert out.dtype == dtype
+    assert_matches_reference(out, ref64, ref_lp)
+    if out.numel() == 0:
+        return
+    grad = torch.randn_like(ref64)
+    got = torch.autograd.grad(out, leaves, grad.to(dtype))
+    want = torch.autograd.grad(ref64, leaves64, grad)
+    want_lp = torch.autograd.grad(ref_lp, leaves, grad.to(dtype)) if ref_lp is not None else [None] * len(got)
+    for name, g, w, wl in zip(names, got, want, want_lp, strict=True):
+        assert_matches_reference(g, w, wl, name=f"grad {name}")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import assert_matches_reference
+from conftest import check_forward_backward
 
 from fastseg import ops
 from fastseg.ops import _reference
@@ -68,28 +68,16 @@ def sample_inputs(case: Case, device, dtype, requires_grad: bool = False):
     return args, kwargs
 
 
-def _as_double(ts):
-    return [t.detach().double().requires_grad_(t.requires_grad) for t in ts]
-
-
 def check(case: Case, backend: str, device: str, dtype: torch.dtype) -> None:
     args, kwargs = sample_inputs(case, device, dtype, requires_grad=True)
-    names = ["q", "k", "v", *kwargs]
-    leaves = args + list(kwargs.values())
-    leaves64 = _as_double(leaves)
-    out = ops.position_attention(*args, **kwargs, backend=backend)
-    ref64 = _reference.position_attention(*leaves64[:3], **dict(zip(kwargs, leaves64[3:], strict=True)))
-    ref_lp = _reference.position_attention(*args, **kwargs) if dtype != torch.float64 else None
-    assert out.dtype == dtype
-    assert_matches_reference(out, ref64, ref_lp)
-    if out.numel() == 0:
-        return
-    grad = torch.randn_like(ref64)
-    got = torch.autograd.grad(out, leaves, grad.to(dtype))
-    want = torch.autograd.grad(ref64, leaves64, grad)
-    want_lp = torch.autograd.grad(ref_lp, leaves, grad.to(dtype)) if ref_lp is not None else [None] * len(got)
-    for name, g, w, wl in zip(names, got, want, want_lp, strict=True):
-        assert_matches_reference(g, w, wl, name=f"grad {name}")
+    names = list(kwargs)
+
+    def call(fn):
+        return lambda q, k, v, *extra: fn(q, k, v, **dict(zip(names, extra, strict=True)))
+
+    run = call(lambda *a, **kw: ops.position_attention(*a, **kw, backend=backend))
+    check_forward_backward(run, call(_reference.position_attention), args + list(kwargs.values()),
+                           ["q", "k", "v", *names])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
