@@ -363,13 +363,15 @@ def _attention_inputs(op: str, side: int, batch: int, train: bool) -> Callable[[
     return make
 
 
-def _attention_case(op: str, name: str, side: int, batch: int, train: bool, quick: bool) -> Case:
+def _attention_case(op: str, name: str, side: int, batch: int, train: bool, quick: bool,
+                    eager: str | None = None) -> Case:
+    """``eager``: the baseline's name in ``fastseg.ops._reference`` (default: the op's own)."""
     c, ck, hw = 512, 64, side // 8
     n = hw * hw
     names = _PAM_WRT if op == "position_attention" else _CAM_WRT  # the op's tensor inputs, in order
 
     def baseline(inputs: Inputs) -> Tensor:
-        return getattr(_reference, op)(*(inputs[k] for k in names))
+        return getattr(_reference, eager or op)(*(inputs[k] for k in names))
 
     def run(inputs: Inputs, backend: str) -> Tensor:
         return getattr(ops, op)(*(inputs[k] for k in names), backend=backend)
@@ -383,7 +385,7 @@ def _attention_case(op: str, name: str, side: int, batch: int, train: bool, quic
         return float(batch * 4 * c * c * n)
 
     params: dict[str, Any] = {"layer": f"DANet head at {side}x{side} (ResNet-101, OS8)", "N": batch, "C": c,
-                              "H": hw, "W": hw, "shape": f"{batch}x{c}x{hw}x{hw}"}
+                              "H": hw, "W": hw, "shape": f"{batch}x{c}x{hw}x{hw}", "baseline": eager or op}
     if op == "position_attention":
         params.update(Ck=ck, shape=f"{batch}x[{ck},{ck},{c}]x{hw}x{hw}")
     make = _attention_inputs(op, side, batch, train)
@@ -403,8 +405,11 @@ def _danet_cases(op: str, batch: int) -> list[Case]:
 @register_op("position_attention")
 def position_attention_cases(batch: int = 1, quick: bool = False) -> list[Case]:
     """DANet PAM at 1/8 of 512², 768², 1024² inputs (N = 64², 96², 128²; C = 512, Ck = 64): forward,
-    and forward+backward at 512² and 768²."""
-    return _danet_cases("position_attention", batch)
+    and forward+backward at 512² and 768², against the eager formulation; the 768² ones also against
+    ``F.scaled_dot_product_attention`` (scale=1) on the same tensors."""
+    op, sdpa = "position_attention", "position_attention_sdpa"
+    return _danet_cases(op, batch) + [
+        _attention_case(op, "danet_768_vs_sdpa", 768, batch, train, False, eager=sdpa) for train in (False, True)]
 
 
 @register_op("channel_attention")

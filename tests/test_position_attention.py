@@ -129,6 +129,14 @@ def test_compile_fullgraph_cpu():
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(*inputs), f(*inputs))
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=str)
+def test_sdpa_baseline_is_the_same_function(case):
+    """The benchmarks' second baseline (PyTorch SDPA with scale=1) computes the reference's function."""
+    args, kwargs = sample_inputs(case, "cpu", torch.float64)
+    torch.testing.assert_close(_reference.position_attention_sdpa(*args, **kwargs),
+                               _reference.position_attention(*args, **kwargs))
+
+
 def test_cpu_never_builds_the_nxn_matrix():
     """Fused forward and backward at N = 4096: no allocation near N² floats (64 MB)."""
     q, k = torch.randn(1, 64, 64, 64, requires_grad=True), torch.randn(1, 64, 64, 64, requires_grad=True)

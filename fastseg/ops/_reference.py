@@ -12,6 +12,7 @@ __all__ = [
     "conv_out_size",
     "fixed_padding",
     "position_attention",
+    "position_attention_sdpa",
     "separable_conv2d",
 ]
 
@@ -103,6 +104,20 @@ def position_attention(q: Tensor, k: Tensor, v: Tensor, *, gamma: Tensor | None 
     attn = torch.softmax(energy, dim=-1)
     out = torch.bmm(v.flatten(2), attn.transpose(1, 2)).view(b, c, h, w)
     return gamma_residual(out, gamma, residual)
+
+
+def position_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, *, gamma: Tensor | None = None,
+                            residual: Tensor | None = None) -> Tensor:
+    """position_attention through ``F.scaled_dot_product_attention(scale=1)``: PyTorch's own
+    attention kernels (one head of width Ck for q/k and C for v), the second baseline of the
+    benchmarks."""
+    b, c, h, w = v.shape
+
+    def heads(t: Tensor) -> Tensor:  # [B, D, H, W] -> [B, 1, N, D]
+        return t.flatten(2).transpose(1, 2).unsqueeze(1)
+
+    out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), scale=1.0)
+    return gamma_residual(out.squeeze(1).transpose(1, 2).reshape(b, c, h, w), gamma, residual)
 
 
 def channel_attention(x: Tensor, *, gamma: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
