@@ -13,6 +13,7 @@ from fastseg.ops._backend import (
     use_backend,
 )
 from fastseg.ops.attention import channel_attention, position_attention
+from fastseg.ops.roi import roi_align, roi_upsample
 from fastseg.ops.separable_conv import separable_conv2d
 
 if _extension.has_ops():
@@ -28,6 +29,8 @@ __all__ = [
     "backend_status",
     "channel_attention",
     "position_attention",
+    "roi_align",
+    "roi_upsample",
     "separable_conv2d",
     "use_backend",
 ]

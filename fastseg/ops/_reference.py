@@ -13,6 +13,9 @@ __all__ = [
     "fixed_padding",
     "position_attention",
     "position_attention_sdpa",
+    "roi_align",
+    "roi_upsample",
+    "rois_to_tensor",
     "separable_conv2d",
 ]
 
@@ -129,3 +132,87 @@ def channel_attention(x: Tensor, *, gamma: Tensor | None = None, residual: Tenso
     attn = torch.softmax(energy.amax(dim=-1, keepdim=True) - energy, dim=-1)
     out = torch.bmm(attn, flat).view(b, c, h, w)
     return gamma_residual(out, gamma, residual)
+
+
+def rois_to_tensor(rois: Tensor | list[Tensor]) -> Tensor:
+    """RoIs as one [K, 5] tensor (batch_idx, x1, y1, x2, y2); a list of per-image [Li, 4] boxes
+    gets its batch indices from its position (torchvision's convention)."""
+    if isinstance(rois, Tensor):
+        return rois
+    idx = [torch.full((len(b), 1), i, dtype=b.dtype, device=b.device) for i, b in enumerate(rois)]
+    return torch.cat([torch.cat(idx), torch.cat(list(rois))], dim=1)
+
+
+def _axis_interp(start: Tensor, size: Tensor, pooled: int, sampling_ratio: int, length: int,
+                 aunet: bool) -> tuple[Tensor, Tensor]:
+    """RoIAlign's sampling along one axis as a matrix: M[k, p, i] = sum over the bin's samples of the
+    bilinear weight of input row i (torchvision's grid, clamping and out-of-range rule). Bilinear
+    weights factor into a y part and an x part, and so do AUNet's 1/Σw² normaliser and the
+    validity of a sample, so roi_align(F)[k] = M_y[k] F M_xᵀ[k] / count[k] exactly.
+    Returns (M [K, pooled, length], grid [K])."""
+    k = start.shape[0]
+    bin_size = size / pooled
+    grid = (torch.full_like(size, sampling_ratio) if sampling_ratio > 0 else torch.ceil(size / pooled)).long()
+    g_max = max(int(grid.max()) if k else 1, 1)
+    p = torch.arange(pooled, dtype=start.dtype, device=start.device).view(1, -1, 1)
+    g = torch.arange(g_max, device=start.device).view(1, 1, -1)
+    pos = (start.view(-1, 1, 1) + p * bin_size.view(-1, 1, 1)
+           + (g + 0.5).to(start.dtype) * (bin_size / grid.clamp(min=1)).view(-1, 1, 1))
+    used = (g < grid.view(-1, 1, 1)) & (pos >= -1.0) & (pos <= length)
+    pos = pos.clamp(min=0)
+    low = pos.floor().long()
+    at_end = low >= length - 1
+    low = torch.where(at_end, length - 1, low)
+    high = torch.where(at_end, length - 1, low + 1)
+    frac = torch.where(at_end, torch.zeros_like(pos), pos - low.to(pos.dtype))
+    w_low, w_high = 1 - frac, frac
+    if aunet:
+        norm = w_low.square() + w_high.square()
+        w_low, w_high = w_low / norm, w_high / norm
+    mat = torch.zeros(k * pooled, length, dtype=start.dtype, device=start.device)
+    for idx, w in ((low, w_low), (high, w_high)):
+        mat.scatter_add_(1, idx.view(k * pooled, g_max), (w * used).view(k * pooled, g_max))
+    return mat.view(k, pooled, length), grid
+
+
+def _roi_interp(rois: Tensor, output_size: tuple[int, int], height: int, width: int, spatial_scale: float,
+                sampling_ratio: int, aligned: bool, aunet: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(M_y [K, ph, H], M_x [K, pw, W], scale [K]): the per-RoI factor is 1/count, or 1 for AUNet."""
+    offset = 0.5 if aligned else 0.0
+    box = rois[:, 1:] * spatial_scale - offset
+    size = box[:, 2:] - box[:, :2]
+    if not aligned:
+        size = size.clamp(min=1.0)
+    my, gy = _axis_interp(box[:, 1], size[:, 1], output_size[0], sampling_ratio, height, aunet)
+    mx, gx = _axis_interp(box[:, 0], size[:, 0], output_size[1], sampling_ratio, width, aunet)
+    scale = torch.ones_like(size[:, 0]) if aunet else 1.0 / (gy * gx).clamp(min=1).to(rois.dtype)
+    return my, mx, scale
+
+
+def roi_align(features: Tensor, rois: Tensor | list[Tensor], output_size: int | tuple[int, int], *,
+              spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
+    """torchvision.ops.roi_align's function in plain PyTorch: [N, C, H, W] features, RoIs [K, 5]
+    (or a list of [Li, 4]) → [K, C, ph, pw]."""
+    ph, pw = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    rois = rois_to_tensor(rois).to(features.dtype)
+    my, mx, scale = _roi_interp(rois, (ph, pw), features.shape[2], features.shape[3], spatial_scale,
+                                sampling_ratio, aligned, aunet=False)
+    picked = features[rois[:, 0].long()]
+    return torch.einsum("kph,kchw,kqw->kcpq", my, picked, mx) * scale.view(-1, 1, 1, 1)
+
+
+def roi_upsample(roi_maps: Tensor, rois: Tensor | list[Tensor], output_size: tuple[int, int], *,
+                 batch_size: int | None = None, spatial_scale: float = 1.0, sampling_ratio: int = -1,
+                 aligned: bool = False, mode: str = "aunet") -> Tensor:
+    """AUNet's RoIUpsample: [K, C, m, m'] per-RoI maps back onto [N, C, H, W] on RoIAlign's sample
+    grid. ``mode="adjoint"``: the transpose of roi_align (value·w/count per sample); ``"aunet"``: each
+    sample's bilinear weights renormalised by 1/Σw², no /count. Overlapping RoIs sum."""
+    rois = rois_to_tensor(rois).to(roi_maps.dtype)
+    height, width = output_size
+    if batch_size is None:
+        batch_size = int(rois[:, 0].max()) + 1 if len(rois) else 0
+    my, mx, scale = _roi_interp(rois, roi_maps.shape[2:], height, width, spatial_scale, sampling_ratio, aligned,
+                                aunet=mode == "aunet")
+    per_roi = torch.einsum("kph,kcpq,kqw->kchw", my, roi_maps, mx) * scale.view(-1, 1, 1, 1)
+    out = roi_maps.new_zeros(batch_size, roi_maps.shape[1], height, width)
+    return out.index_add(0, rois[:, 0].long(), per_roi)

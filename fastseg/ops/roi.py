@@ -1,0 +1,123 @@
+"""RoIAlign and AUNet's RoIUpsample on one shared sample grid."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from fastseg.ops import _backend, _reference
+from fastseg.ops._reference import rois_to_tensor
+
+__all__ = ["roi_align", "roi_upsample"]
+
+_MODES = ("adjoint", "aunet")
+
+
+def _pair(name: str, size: int | tuple[int, int]) -> tuple[int, int]:
+    pair = (size, size) if isinstance(size, int) and not isinstance(size, bool) else tuple(size)
+    if len(pair) != 2 or not all(isinstance(s, int) and s > 0 for s in pair):
+        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {size!r}")
+    return pair
+
+
+def _check_rois(rois: Tensor | list[Tensor], like: Tensor, batch_size: int | None) -> Tensor:
+    if isinstance(rois, (list, tuple)):
+        for i, b in enumerate(rois):
+            if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[1] != 4:
+                raise ValueError(f"rois[{i}] must be a [L, 4] tensor of boxes, got {getattr(b, 'shape', b)}")
+        rois = rois_to_tensor(rois) if rois else like.new_zeros(0, 5)
+    if not isinstance(rois, Tensor) or rois.dim() != 2 or rois.shape[1] != 5:
+        raise ValueError(f"rois must be [K, 5] (batch_idx, x1, y1, x2, y2) or a list of [L, 4], "
+                         f"got {getattr(rois, 'shape', rois)}")
+    if rois.device != like.device:
+        raise ValueError(f"rois is on {rois.device} but the maps are on {like.device}")
+    if not rois.is_floating_point():
+        raise ValueError(f"rois must be floating point, got {rois.dtype}")
+    if len(rois) and batch_size is not None:
+        idx = rois[:, 0]
+        if bool(((idx < 0) | (idx >= batch_size) | (idx != idx.round())).any()):
+            raise ValueError(f"rois batch indices must be integers in [0, {batch_size}), got "
+                             f"{idx.min().item()}..{idx.max().item()}")
+    return rois.to(like.dtype)
+
+
+def roi_align(features: Tensor, rois: Tensor | list[Tensor], output_size: int | tuple[int, int], *,
+              spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False,
+              backend: str | None = None) -> Tensor:
+    """Exactly ``torchvision.ops.roi_align``.
+
+    Args:
+        features: [N, C, H, W].
+        rois: [K, 5] (batch_idx, x1, y1, x2, y2) or a list of N [Li, 4] boxes.
+        output_size: (ph, pw) or an int.
+        spatial_scale: maps box coordinates onto the feature map.
+        sampling_ratio: samples per bin and axis; <= 0 is adaptive (ceil(roi / output)).
+        aligned: shift by half a pixel (no size clamp) as Detectron2's ROIAlignV2.
+
+    Returns:
+        [K, C, ph, pw].
+
+    Example::
+
+        >>> feats = torch.randn(2, 256, 50, 76)
+        >>> boxes = [torch.tensor([[4.0, 6.0, 40.0, 30.0]]), torch.tensor([[0.0, 0.0, 75.0, 49.0]])]
+        >>> roi_align(feats, boxes, 14, aligned=True).shape
+        torch.Size([2, 256, 14, 14])
+    """
+    if not isinstance(features, Tensor) or features.dim() != 4 or not features.is_floating_point():
+        raise ValueError(f"features must be a floating [N, C, H, W] tensor, got {getattr(features, 'shape', features)}")
+    rois = _check_rois(rois, features, features.shape[0])
+    ph, pw = _pair("output_size", output_size)
+    impl = _backend.resolve("roi_align", features.device, backend)
+    return impl(features, rois, ph, pw, float(spatial_scale), int(sampling_ratio), bool(aligned))
+
+
+def roi_upsample(roi_maps: Tensor, rois: Tensor | list[Tensor], output_size: tuple[int, int], *,
+                 batch_size: int | None = None, spatial_scale: float = 1.0, sampling_ratio: int = -1,
+                 aligned: bool = False, mode: str = "aunet", backend: str | None = None) -> Tensor:
+    """AUNet's RoIUpsample: per-RoI maps back onto the feature map, on RoIAlign's sample grid.
+
+    ``mode="adjoint"`` is the exact transpose of :func:`roi_align` with the same arguments (its input
+    gradient); ``mode="aunet"`` renormalises each sample's four bilinear weights by 1/Σw² and does
+    not divide by the sample count, so re-sampling at a sample point returns its value. Overlapping
+    RoIs sum. The backward of each mode is the exact adjoint of its forward.
+
+    Args:
+        roi_maps: [K, C, m, m'] (e.g. 14×14 or 28×28 mask-branch maps).
+        rois: [K, 5] or a list of [Li, 4] boxes (image coordinates).
+        output_size: (H, W) of the feature map.
+        batch_size: N; default 1 + the largest batch index (0 when there are no RoIs).
+
+    Returns:
+        [N, C, H, W].
+    """
+    if not isinstance(roi_maps, Tensor) or roi_maps.dim() != 4 or not roi_maps.is_floating_point():
+        raise ValueError(f"roi_maps must be a floating [K, C, m, m] tensor, got {getattr(roi_maps, 'shape', roi_maps)}")
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    height, width = _pair("output_size", output_size)
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 0):
+        raise ValueError(f"batch_size must be a non-negative int, got {batch_size!r}")
+    rois = _check_rois(rois, roi_maps, batch_size)
+    if rois.shape[0] != roi_maps.shape[0]:
+        raise ValueError(f"roi_maps has {roi_maps.shape[0]} maps but rois has {rois.shape[0]} boxes")
+    if batch_size is None:
+        batch_size = int(rois[:, 0].max()) + 1 if len(rois) else 0
+    impl = _backend.resolve("roi_upsample", roi_maps.device, backend)
+    return impl(roi_maps, rois, batch_size, height, width, float(spatial_scale), int(sampling_ratio),
+                bool(aligned), mode)
+
+
+def _roi_align_reference(features, rois, ph, pw, spatial_scale, sampling_ratio, aligned):
+    return _reference.roi_align(features, rois, (ph, pw), spatial_scale=spatial_scale,
+                                sampling_ratio=sampling_ratio, aligned=aligned)
+
+
+def _roi_upsample_reference(roi_maps, rois, batch_size, height, width, spatial_scale, sampling_ratio, aligned,
+                            mode):
+    return _reference.roi_upsample(roi_maps, rois, (height, width), batch_size=batch_size,
+                                   spatial_scale=spatial_scale, sampling_ratio=sampling_ratio, aligned=aligned,
+                                   mode=mode)
+
+
+_backend.register("roi_align", "reference", _roi_align_reference)
+_backend.register("roi_upsample", "reference", _roi_upsample_reference)

@@ -1,0 +1,208 @@
+"""fastseg.ops.roi_align and roi_upsample against torchvision and float64 oracles."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torchvision
+from conftest import assert_matches_reference
+
+from fastseg import ops
+from fastseg.ops import _reference
+
+BACKENDS = ["reference"]  # cpu joins when its kernels land
+
+
+@dataclass(frozen=True)
+class Case:
+    n: int
+    c: int
+    h: int
+    w: int
+    k: int
+    out: tuple[int, int] = (7, 7)
+    scale: float = 1.0
+    sampling_ratio: int = -1
+    aligned: bool = False
+
+    def __str__(self) -> str:
+        return (f"n{self.n}c{self.c}_{self.h}x{self.w}_k{self.k}_o{self.out[0]}x{self.out[1]}_s{self.scale:g}"
+                f"_sr{self.sampling_ratio}{'_aligned' if self.aligned else ''}")
+
+
+CASES = [
+    Case(2, 3, 13, 17, 23),
+    Case(1, 5, 11, 7, 9, out=(5, 3), scale=0.5, sampling_ratio=2, aligned=True),
+    Case(3, 2, 19, 23, 31, out=(4, 6), scale=0.25, sampling_ratio=1),
+    Case(2, 7, 9, 9, 17, out=(14, 14), scale=0.125, aligned=True),
+    Case(1, 1, 1, 1, 3, out=(2, 2)),  # a 1x1 map
+    Case(2, 3, 13, 17, 0),  # no RoIs
+]
+IDS = [str(c) for c in CASES]
+
+
+def sample_inputs(case: Case, device="cpu", dtype=torch.float64):
+    """features and RoIs: inside, partly outside, tiny and larger than the image (image coordinates)."""
+    torch.manual_seed(zlib.crc32(str(case).encode()))
+    feats = torch.randn(case.n, case.c, case.h, case.w, dtype=torch.float64)
+    img_w, img_h = case.w / case.scale, case.h / case.scale
+    xy = torch.rand(case.k, 2, dtype=torch.float64) * torch.tensor([img_w * 1.2, img_h * 1.2]) - 0.1 * img_w
+    wh = torch.rand(case.k, 2, dtype=torch.float64) * torch.tensor([img_w, img_h])
+    if case.k > 3:
+        wh[:2] *= 0.02  # tiny
+        wh[2] *= 3.0  # larger than the image
+    idx = torch.randint(0, case.n, (case.k, 1)).double()
+    rois = torch.cat([idx, xy, xy + wh], dim=1)
+    return feats.to(device=device, dtype=dtype), rois.to(device=device, dtype=dtype)
+
+
+def _kw(case: Case):
+    return {"spatial_scale": case.scale, "sampling_ratio": case.sampling_ratio, "aligned": case.aligned}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_roi_align_matches_torchvision(backend, case, dtype):
+    feats, rois = sample_inputs(case, dtype=dtype)
+    feats.requires_grad_(True)
+    out = ops.roi_align(feats, rois, case.out, **_kw(case), backend=backend)
+    f64 = feats.detach().double().requires_grad_(True)
+    want = torchvision.ops.roi_align(f64, rois.double(), case.out, **_kw(case))
+    assert_matches_reference(out, want, torchvision.ops.roi_align(feats, rois, case.out, **_kw(case)))
+    if case.k == 0:
+        return
+    grad = torch.randn_like(want)
+    (g,) = torch.autograd.grad(out, feats, grad.to(dtype))
+    (gw,) = torch.autograd.grad(want, f64, grad)
+    assert_matches_reference(g, gw, name="grad features")
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_roi_upsample_adjoint_is_roi_align_backward(backend, case):
+    feats, rois = sample_inputs(case)
+    maps = torch.randn(case.k, case.c, *case.out, dtype=torch.float64)
+    f = feats.clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(torchvision.ops.roi_align(f, rois, case.out, **_kw(case)), f, maps)
+    got = ops.roi_upsample(maps, rois, (case.h, case.w), batch_size=case.n, mode="adjoint", **_kw(case),
+                           backend=backend)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9)
+
+
+def _aunet_loop(maps, rois, n, h, w, scale, sampling_ratio, aligned):
+    """AUNet's RoIUpsample by its definition, one sample at a time (float64, slow): each sample of
+    RoIAlign's grid adds value * w_k / sum(w²) to its four bilinear neighbours; no /count."""
+    out = torch.zeros(n, maps.shape[1], h, w, dtype=torch.float64)
+    ph, pw = maps.shape[2:]
+    off = 0.5 if aligned else 0.0
+    for k, (b, x1, y1, x2, y2) in enumerate(rois.tolist()):
+        x1, y1, x2, y2 = x1 * scale - off, y1 * scale - off, x2 * scale - off, y2 * scale - off
+        rw, rh = x2 - x1, y2 - y1
+        if not aligned:
+            rw, rh = max(rw, 1.0), max(rh, 1.0)
+        gh = sampling_ratio if sampling_ratio > 0 else int(torch.tensor(rh / ph).ceil())
+        gw = sampling_ratio if sampling_ratio > 0 else int(torch.tensor(rw / pw).ceil())
+        for i in range(ph):
+            for j in range(pw):
+                for iy in range(gh):
+                    for ix in range(gw):
+                        y = y1 + i * rh / ph + (iy + 0.5) * rh / ph / gh
+                        x = x1 + j * rw / pw + (ix + 0.5) * rw / pw / gw
+                        if y < -1 or y > h or x < -1 or x > w:
+                            continue
+                        y, x = max(y, 0.0), max(x, 0.0)
+                        yl, xl = int(y), int(x)
+                        yh, xh = min(yl + 1, h - 1), min(xl + 1, w - 1)
+                        if yl >= h - 1:
+                            yl = yh = h - 1
+                            y = float(yl)
+                        if xl >= w - 1:
+                            xl = xh = w - 1
+                            x = float(xl)
+                        ly, lx = y - yl, x - xl
+                        hy, hx = 1 - ly, 1 - lx
+                        norm = (hy * hy + ly * ly) * (hx * hx + lx * lx)
+                        v = maps[k, :, i, j] / norm
+                        for yy, xx, wt in ((yl, xl, hy * hx), (yl, xh, hy * lx), (yh, xl, ly * hx), (yh, xh, ly * lx)):
+                            out[int(b), :, yy, xx] += v * wt
+    return out
+
+
+@pytest.mark.parametrize("case", CASES[:3] + CASES[4:], ids=[str(c) for c in CASES[:3] + CASES[4:]])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_roi_upsample_aunet_matches_its_definition(backend, case):
+    _, rois = sample_inputs(case)
+    maps = torch.randn(case.k, case.c, *case.out, dtype=torch.float64)
+    got = ops.roi_upsample(maps, rois, (case.h, case.w), batch_size=case.n, mode="aunet", **_kw(case),
+                           backend=backend)
+    want = _aunet_loop(maps, rois, case.n, case.h, case.w, case.scale, case.sampling_ratio, case.aligned)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["adjoint", "aunet"])
+@pytest.mark.parametrize("case", CASES[:4], ids=IDS[:4])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_roi_upsample_backward_is_its_adjoint(backend, case, mode):
+    """<up(y), x> = <y, up^T(x)>, with up^T taken from autograd of the op under test."""
+    _, rois = sample_inputs(case)
+    maps = torch.randn(case.k, case.c, *case.out, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(case.n, case.c, case.h, case.w, dtype=torch.float64)
+    up = ops.roi_upsample(maps, rois, (case.h, case.w), batch_size=case.n, mode=mode, **_kw(case), backend=backend)
+    (up_t,) = torch.autograd.grad(up, maps, x)
+    torch.testing.assert_close((up.detach() * x).sum(), (maps.detach() * up_t).sum(), atol=1e-9, rtol=1e-10)
+    if mode == "adjoint":  # its adjoint is roi_align itself
+        torch.testing.assert_close(up_t, torchvision.ops.roi_align(x, rois, case.out, **_kw(case)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck(backend):
+    case = Case(2, 2, 5, 6, 4, out=(3, 2), scale=0.5, sampling_ratio=2)
+    feats, rois = sample_inputs(case)
+    feats.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda f: ops.roi_align(f, rois, case.out, **_kw(case), backend=backend),
+                                    (feats,))
+    maps = torch.randn(4, 2, 3, 2, dtype=torch.float64, requires_grad=True)
+    for mode in ("adjoint", "aunet"):
+        assert torch.autograd.gradcheck(
+            lambda m, mode=mode: ops.roi_upsample(m, rois, (5, 6), batch_size=2, mode=mode, **_kw(case),
+                                                  backend=backend), (maps,))
+
+
+def test_list_of_boxes_and_default_batch_size():
+    feats = torch.randn(2, 3, 9, 11, dtype=torch.float64)
+    boxes = [torch.tensor([[1.0, 1.0, 6.0, 5.0]], dtype=torch.float64),
+             torch.tensor([[0.0, 2.0, 10.0, 8.0], [3.0, 3.0, 4.0, 4.0]], dtype=torch.float64)]
+    out = ops.roi_align(feats, boxes, 3)
+    torch.testing.assert_close(out, torchvision.ops.roi_align(feats, boxes, 3))
+    up = ops.roi_upsample(out, boxes, (9, 11))
+    assert up.shape == (2, 3, 9, 11)
+    empty = ops.roi_upsample(torch.zeros(0, 3, 3, 3), torch.zeros(0, 5), (9, 11))
+    assert empty.shape == (0, 3, 9, 11)
+
+
+BAD = [
+    ("rois not [K, 5]", lambda f: ops.roi_align(f, torch.zeros(3, 4), 2), "rois must be"),
+    ("batch index out of range", lambda f: ops.roi_align(f, torch.tensor([[2.0, 0, 0, 1, 1]]), 2), "batch indices"),
+    ("negative output size", lambda f: ops.roi_align(f, torch.tensor([[0.0, 0, 0, 1, 1]]), -2), "output_size"),
+    ("unknown mode", lambda f: ops.roi_upsample(torch.zeros(1, 3, 2, 2), torch.tensor([[0.0, 0, 0, 1, 1]]), (5, 5),
+                                                mode="bilinear"), "mode must be"),
+    ("maps/rois count", lambda f: ops.roi_upsample(torch.zeros(2, 3, 2, 2), torch.tensor([[0.0, 0, 0, 1, 1]]),
+                                                   (5, 5)), "roi_maps has 2 maps"),
+    ("features rank", lambda f: ops.roi_align(f[0], torch.tensor([[0.0, 0, 0, 1, 1]]), 2), "features must be"),
+]
+
+
+@pytest.mark.parametrize("name,call,match", BAD, ids=[b[0] for b in BAD])
+def test_bad_input(name, call, match):
+    with pytest.raises(ValueError, match=match):
+        call(torch.randn(2, 3, 5, 5))
+
+
+def test_reference_is_exactly_torchvision_in_float64():
+    feats, rois = sample_inputs(CASES[0])
+    torch.testing.assert_close(_reference.roi_align(feats, rois, 7), torchvision.ops.roi_align(feats, rois, 7),
+                               atol=1e-12, rtol=0)
