@@ -13,7 +13,7 @@ from conftest import assert_matches_reference
 from fastseg import ops
 from fastseg.ops import _reference
 
-BACKENDS = ["reference"]  # cpu joins when its kernels land
+BACKENDS = ["reference", "cpu"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ CASES = [
     Case(3, 2, 19, 23, 31, out=(4, 6), scale=0.25, sampling_ratio=1),
     Case(2, 7, 9, 9, 17, out=(14, 14), scale=0.125, aligned=True),
     Case(1, 1, 1, 1, 3, out=(2, 2)),  # a 1x1 map
+    Case(1, 2, 40, 37, 9, out=(3, 4), scale=1.5),  # adaptive grids of 10+ samples per bin
     Case(2, 3, 13, 17, 0),  # no RoIs
 ]
 IDS = [str(c) for c in CASES]
@@ -192,6 +193,7 @@ BAD = [
                                                 mode="bilinear"), "mode must be"),
     ("maps/rois count", lambda f: ops.roi_upsample(torch.zeros(2, 3, 2, 2), torch.tensor([[0.0, 0, 0, 1, 1]]),
                                                    (5, 5)), "roi_maps has 2 maps"),
+    ("non-finite rois", lambda f: ops.roi_align(f, torch.tensor([[0.0, 0, 0, float("nan"), 1]]), 2), "finite"),
     ("features rank", lambda f: ops.roi_align(f[0], torch.tensor([[0.0, 0, 0, 1, 1]]), 2), "features must be"),
 ]
 
@@ -206,3 +208,108 @@ def test_reference_is_exactly_torchvision_in_float64():
     feats, rois = sample_inputs(CASES[0])
     torch.testing.assert_close(_reference.roi_align(feats, rois, 7), torchvision.ops.roi_align(feats, rois, 7),
                                atol=1e-12, rtol=0)
+
+
+COMPILED = [b for b in BACKENDS if b != "reference"]
+
+
+def _sample_grad(case: Case):
+    feats, rois = sample_inputs(case)
+    maps = torch.randn(case.k, case.c, *case.out, dtype=torch.float64)
+    return feats, rois, maps
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layouts(backend, layout):
+    case = CASES[0]
+    feats, rois, maps = _sample_grad(case)
+    if layout == "channels_last":
+        f, m = feats.contiguous(memory_format=torch.channels_last), maps.contiguous(memory_format=torch.channels_last)
+    else:
+        f, m = feats.repeat_interleave(2, dim=3)[..., ::2], maps.repeat_interleave(2, dim=2)[:, :, ::2]
+        rois = rois.repeat_interleave(2, dim=1)[:, ::2]
+        assert not (f.is_contiguous() or m.is_contiguous() or rois.is_contiguous())
+    torch.testing.assert_close(ops.roi_align(f, rois, case.out, **_kw(case), backend=backend),
+                               torchvision.ops.roi_align(feats, rois, case.out, **_kw(case)))
+    for mode in ("adjoint", "aunet"):
+        torch.testing.assert_close(
+            ops.roi_upsample(m, rois, (case.h, case.w), batch_size=case.n, mode=mode, **_kw(case), backend=backend),
+            _reference.roi_upsample(maps, rois, (case.h, case.w), batch_size=case.n, mode=mode, **_kw(case)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_channels_and_images(backend):
+    feats = torch.randn(2, 0, 5, 6)
+    rois = torch.tensor([[1.0, 0, 0, 3, 3]])
+    assert ops.roi_align(feats, rois, 2, backend=backend).shape == (1, 0, 2, 2)
+    up = ops.roi_upsample(torch.randn(1, 3, 2, 2), rois, (5, 6), batch_size=3, backend=backend)
+    assert up.shape == (3, 3, 5, 6) and up[0].abs().sum() == 0 and up[2].abs().sum() == 0 and up[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_deterministic(backend):
+    """The CPU scatter visits each image's RoIs in index order: repeated runs are bit-identical."""
+    case = CASES[0]
+    _, rois, maps = _sample_grad(case)
+    maps, rois = maps.float(), rois.float()
+    runs = [ops.roi_upsample(maps, rois, (case.h, case.w), batch_size=case.n, backend=backend) for _ in range(3)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_opcheck(backend):
+    case = CASES[1]
+    feats, rois, maps = _sample_grad(case)
+    args = (case.scale, case.sampling_ratio, case.aligned)
+    torch.library.opcheck(torch.ops.fastseg.roi_align, (feats.requires_grad_(), rois, *case.out, *args))
+    for mode in ("adjoint", "aunet"):
+        torch.library.opcheck(torch.ops.fastseg.roi_upsample,
+                              (maps.requires_grad_(), rois, case.n, case.h, case.w, *args, mode))
+        torch.library.opcheck(torch.ops.fastseg._roi_upsample_backward, (feats.detach(), rois, *case.out, *args, mode))
+    torch.library.opcheck(torch.ops.fastseg._roi_align_backward,
+                          (maps.detach(), rois, case.n, case.h, case.w, *args))
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_compile_fullgraph(backend):
+    case = CASES[0]
+    feats, rois, maps = _sample_grad(case)
+
+    def fn(f, m):
+        a = ops.roi_align(f, rois, case.out, **_kw(case), backend=backend)
+        return a, ops.roi_upsample(m, rois, (case.h, case.w), batch_size=case.n, **_kw(case), backend=backend)
+
+    want = fn(feats, maps)
+    got = torch.compile(fn, fullgraph=True, backend="aot_eager")(feats, maps)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+
+
+def _align(x=None, rois=None, ph=2):
+    x = torch.randn(1, 2, 4, 4) if x is None else x
+    return torch.ops.fastseg.roi_align(x, torch.zeros(1, 5) if rois is None else rois, ph, 2, 1.0, -1, False)
+
+
+def _upsample(rois=None, mode="aunet"):
+    rois = torch.zeros(1, 5) if rois is None else rois
+    return torch.ops.fastseg.roi_upsample(torch.randn(1, 2, 2, 2), rois, 1, 4, 4, 1.0, -1, False, mode)
+
+
+DIRECT_BAD = [
+    ("rois shape", lambda: _align(rois=torch.zeros(2, 4)), "rois must be"),
+    ("batch index", lambda: _align(rois=torch.tensor([[3.0, 0, 0, 2, 2]])), "batch index"),
+    ("pooled size", lambda: _align(ph=0), "pooled_h"),
+    ("mode", lambda: _upsample(mode="nearest"), "mode"),
+    ("nan rois", lambda: _upsample(rois=torch.full((1, 5), float("nan"))), "finite"),
+    ("dtype", lambda: _align(torch.randn(1, 2, 4, 4).half(), torch.zeros(1, 5).half()), "float32 and float64"),
+    ("dtype mix", lambda: _align(rois=torch.zeros(1, 5).double()), "rois dtype"),
+]
+
+
+@pytest.mark.skipif("cpu" not in COMPILED, reason="the compiled extension is not built")
+@pytest.mark.parametrize("name,call,match", DIRECT_BAD, ids=[b[0] for b in DIRECT_BAD])
+def test_bad_input_direct(name, call, match):
+    """Callers of torch.ops.fastseg.* skip the Python checks: the C++ ones must catch these."""
+    with pytest.raises(RuntimeError, match=match):
+        call()

@@ -52,8 +52,35 @@ def _cam_backward(ctx, grad_out):
     return torch.ops.fastseg._channel_attention_backward(grad_out.contiguous(), x)
 
 
+def _roi_align_setup(ctx, inputs, output):
+    features, rois, _, _, *ctx.geometry = inputs
+    ctx.input_shape = (features.shape[0], features.shape[2], features.shape[3])
+    ctx.save_for_backward(rois)
+
+
+def _roi_align_backward(ctx, grad):
+    (rois,) = ctx.saved_tensors
+    g = torch.ops.fastseg._roi_align_backward(grad.contiguous(), rois, *ctx.input_shape, *ctx.geometry)
+    return (g,) + (None,) * 6
+
+
+def _roi_upsample_setup(ctx, inputs, output):
+    roi_maps, rois, _, _, _, *ctx.geometry = inputs  # geometry: scale, sampling_ratio, aligned, mode
+    ctx.pooled = (roi_maps.shape[2], roi_maps.shape[3])
+    ctx.save_for_backward(rois)
+
+
+def _roi_upsample_backward(ctx, grad):
+    (rois,) = ctx.saved_tensors
+    g = torch.ops.fastseg._roi_upsample_backward(grad.contiguous(), rois, *ctx.pooled, *ctx.geometry)
+    return (g,) + (None,) * 8
+
+
 def register_compiled() -> None:
     register_separable_conv2d_autograd("fastseg::separable_conv2d",
                                        torch.ops.fastseg._separable_conv2d_backward)
     torch.library.register_autograd("fastseg::position_attention", _pam_backward, setup_context=_pam_setup)
     torch.library.register_autograd("fastseg::channel_attention", _cam_backward, setup_context=_cam_setup)
+    torch.library.register_autograd("fastseg::roi_align", _roi_align_backward, setup_context=_roi_align_setup)
+    torch.library.register_autograd("fastseg::roi_upsample", _roi_upsample_backward,
+                                    setup_context=_roi_upsample_setup)

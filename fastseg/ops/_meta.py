@@ -53,3 +53,23 @@ def _channel_attention_fake(x):
 @torch.library.register_fake("fastseg::_channel_attention_backward")
 def _channel_attention_backward_fake(grad_out, x):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("fastseg::roi_align")
+def _roi_align_fake(features, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned):
+    return features.new_empty((rois.shape[0], features.shape[1], pooled_h, pooled_w))
+
+
+@torch.library.register_fake("fastseg::_roi_align_backward")
+def _roi_align_backward_fake(grad, rois, batch_size, height, width, spatial_scale, sampling_ratio, aligned):
+    return grad.new_empty((batch_size, grad.shape[1], height, width))
+
+
+@torch.library.register_fake("fastseg::roi_upsample")
+def _roi_upsample_fake(roi_maps, rois, batch_size, height, width, spatial_scale, sampling_ratio, aligned, mode):
+    return roi_maps.new_empty((batch_size, roi_maps.shape[1], height, width))
+
+
+@torch.library.register_fake("fastseg::_roi_upsample_backward")
+def _roi_upsample_backward_fake(grad, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, mode):
+    return grad.new_empty((rois.shape[0], grad.shape[1], pooled_h, pooled_w))
