@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torchvision
-from conftest import assert_matches_reference
+from conftest import assert_matches_reference, check_forward_backward
 
 from fastseg import ops
 from fastseg.ops import _reference
@@ -204,6 +204,16 @@ def test_bad_input(name, call, match):
         call(torch.randn(2, 3, 5, 5))
 
 
+def test_reference_upsample_in_chunks(monkeypatch):
+    """The reference upsamples a few RoIs at a time (memory): one RoI per chunk gives the same sum."""
+    case = CASES[0]
+    _, rois = sample_inputs(case)
+    maps = torch.randn(case.k, case.c, *case.out, dtype=torch.float64)
+    whole = _reference.roi_upsample(maps, rois, (case.h, case.w), batch_size=case.n)
+    monkeypatch.setattr(_reference, "_CHUNK_ELEMENTS", 1)
+    torch.testing.assert_close(_reference.roi_upsample(maps, rois, (case.h, case.w), batch_size=case.n), whole)
+
+
 def test_reference_is_exactly_torchvision_in_float64():
     feats, rois = sample_inputs(CASES[0])
     torch.testing.assert_close(_reference.roi_align(feats, rois, 7), torchvision.ops.roi_align(feats, rois, 7),
@@ -313,3 +323,84 @@ def test_bad_input_direct(name, call, match):
     """Callers of torch.ops.fastseg.* skip the Python checks: the C++ ones must catch these."""
     with pytest.raises(RuntimeError, match=match):
         call()
+
+
+# ---- GPU: the cuda and triton backends (skipped with a reason when no GPU is present) ----
+
+GPU_BACKENDS = ["cuda", "triton"]
+GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_matches_reference(backend, case, dtype):
+    feats, rois = sample_inputs(case, "cuda", dtype)
+    maps = torch.randn(case.k, case.c, *case.out, device="cuda", dtype=dtype)
+    size, kw = (case.h, case.w), _kw(case)
+    check_forward_backward(lambda f: ops.roi_align(f, rois, case.out, **kw, backend=backend),
+                           lambda f: torchvision.ops.roi_align(f, rois.to(f.dtype), case.out, **kw),
+                           [feats], ["features"])
+    for mode in ("adjoint", "aunet"):
+        check_forward_backward(
+            lambda m, mode=mode: ops.roi_upsample(m, rois, size, batch_size=case.n, mode=mode, **kw, backend=backend),
+            lambda m, mode=mode: _reference.roi_upsample(m, rois.to(m.dtype), size, batch_size=case.n, mode=mode,
+                                                         **kw), [maps], ["roi_maps"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_deterministic_mode(backend, dtype):
+    """Under torch.use_deterministic_algorithms the scatter (roi_upsample, roi_align's backward) is a
+    gather over output pixels: repeated runs are bit-identical and agree with the default path."""
+    case = Case(2, 19, 37, 41, 300, out=(7, 7), scale=0.5, aligned=True)  # many overlapping RoIs
+    feats, rois = sample_inputs(case, "cuda", dtype)
+    maps = torch.randn(case.k, case.c, *case.out, device="cuda", dtype=dtype)
+    f = feats.requires_grad_(True)
+
+    def scatters():
+        up = ops.roi_upsample(maps, rois, (case.h, case.w), batch_size=case.n, **_kw(case), backend=backend)
+        (g,) = torch.autograd.grad(ops.roi_align(f, rois, case.out, **_kw(case), backend=backend), f, maps)
+        return up, g
+
+    default = scatters()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [scatters() for _ in range(3)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], run, strict=True))
+    atol, rtol = {torch.float32: (1e-5, 1e-5)}.get(dtype, (2e-2, 2e-2))
+    for a, b in zip(runs[0], default, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=rtol)
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck():
+    case = CASES[1]
+    feats, rois = sample_inputs(case, "cuda", torch.float32)
+    maps = torch.randn(case.k, case.c, *case.out, device="cuda")
+    args = (case.scale, case.sampling_ratio, case.aligned)
+    torch.library.opcheck(torch.ops.fastseg.roi_align, (feats.requires_grad_(), rois, *case.out, *args))
+    for mode in ("adjoint", "aunet"):
+        torch.library.opcheck(torch.ops.fastseg.roi_upsample,
+                              (maps.requires_grad_(), rois, case.n, case.h, case.w, *args, mode))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_compile_fullgraph(backend):
+    case = CASES[0]
+    feats, rois = sample_inputs(case, "cuda", torch.float32)
+    maps = torch.randn(case.k, case.c, *case.out, device="cuda")
+
+    def fn(f, m):
+        a = ops.roi_align(f, rois, case.out, **_kw(case), backend=backend)
+        return a, ops.roi_upsample(m, rois, (case.h, case.w), batch_size=case.n, **_kw(case), backend=backend)
+
+    torch._dynamo.reset()
+    for g, w in zip(torch.compile(fn, fullgraph=True)(feats, maps), fn(feats, maps), strict=True):
+        torch.testing.assert_close(g, w)

@@ -14,6 +14,8 @@ __all__ = [
     "position_attention",
     "position_attention_sdpa",
     "roi_align",
+    "roi_align_backward_torchvision",
+    "roi_align_torchvision",
     "roi_upsample",
     "rois_to_tensor",
     "separable_conv2d",
@@ -201,6 +203,9 @@ def roi_align(features: Tensor, rois: Tensor | list[Tensor], output_size: int | 
     return torch.einsum("kph,kchw,kqw->kcpq", my, picked, mx) * scale.view(-1, 1, 1, 1)
 
 
+_CHUNK_ELEMENTS = 1 << 25  # roi_upsample's per-RoI maps in flight at once (128 MiB in fp32)
+
+
 def roi_upsample(roi_maps: Tensor, rois: Tensor | list[Tensor], output_size: tuple[int, int], *,
                  batch_size: int | None = None, spatial_scale: float = 1.0, sampling_ratio: int = -1,
                  aligned: bool = False, mode: str = "aunet") -> Tensor:
@@ -213,6 +218,33 @@ def roi_upsample(roi_maps: Tensor, rois: Tensor | list[Tensor], output_size: tup
         batch_size = int(rois[:, 0].max()) + 1 if len(rois) else 0
     my, mx, scale = _roi_interp(rois, roi_maps.shape[2:], height, width, spatial_scale, sampling_ratio, aligned,
                                 aunet=mode == "aunet")
-    per_roi = torch.einsum("kph,kcpq,kqw->kchw", my, roi_maps, mx) * scale.view(-1, 1, 1, 1)
     out = roi_maps.new_zeros(batch_size, roi_maps.shape[1], height, width)
-    return out.index_add(0, rois[:, 0].long(), per_roi)
+    idx = rois[:, 0].long()
+    # The dense per-RoI maps [K, C, H, W] would not fit for detection loads: RoIs go in chunks.
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, out[0].numel()))
+    for s in range(0, len(rois), chunk):
+        e = s + chunk
+        per_roi = torch.einsum("kph,kcpq,kqw->kchw", my[s:e], roi_maps[s:e], mx[s:e]) * scale[s:e].view(-1, 1, 1, 1)
+        out = out.index_add(0, idx[s:e], per_roi)
+    return out
+
+
+def roi_align_torchvision(features: Tensor, rois: Tensor, output_size: tuple[int, int], *, spatial_scale: float = 1.0,
+                          sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
+    """torchvision.ops.roi_align itself: the baseline the benchmarks measure against."""
+    import torchvision
+
+    return torchvision.ops.roi_align(features, rois, output_size, spatial_scale=spatial_scale,
+                                     sampling_ratio=sampling_ratio, aligned=aligned)
+
+
+def roi_align_backward_torchvision(grad: Tensor, rois: Tensor, input_shape: tuple[int, int, int, int], *,
+                                   spatial_scale: float = 1.0, sampling_ratio: int = -1,
+                                   aligned: bool = False) -> Tensor:
+    """torchvision's roi_align input gradient (its backward kernel, called directly): the baseline of
+    ``roi_upsample(mode="adjoint")``, which computes the same function."""
+    import torchvision  # noqa: F401  (registers torch.ops.torchvision)
+
+    n, c, h, w = input_shape
+    return torch.ops.torchvision._roi_align_backward(grad, rois, spatial_scale, grad.shape[2], grad.shape[3], n, c,
+                                                     h, w, sampling_ratio, aligned)
