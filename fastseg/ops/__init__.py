@@ -13,6 +13,7 @@ from fastseg.ops._backend import (
     use_backend,
 )
 from fastseg.ops.attention import channel_attention, position_attention
+from fastseg.ops.nms import matrix_nms, matrix_nms_batched, matrix_nms_boxes
 from fastseg.ops.roi import roi_align, roi_upsample
 from fastseg.ops.separable_conv import separable_conv2d
 
@@ -28,6 +29,9 @@ __all__ = [
     "available_backends",
     "backend_status",
     "channel_attention",
+    "matrix_nms",
+    "matrix_nms_batched",
+    "matrix_nms_boxes",
     "position_attention",
     "roi_align",
     "roi_upsample",

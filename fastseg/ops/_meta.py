@@ -73,3 +73,13 @@ def _roi_upsample_fake(roi_maps, rois, batch_size, height, width, spatial_scale,
 @torch.library.register_fake("fastseg::_roi_upsample_backward")
 def _roi_upsample_backward_fake(grad, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, mode):
     return grad.new_empty((rois.shape[0], grad.shape[1], pooled_h, pooled_w))
+
+
+@torch.library.register_fake("fastseg::matrix_nms_decay")
+def _matrix_nms_decay_fake(masks, labels, order, mask_area, kernel, sigma):
+    return order.new_empty(order.shape, dtype=torch.float64)
+
+
+@torch.library.register_fake("fastseg::matrix_nms_boxes_decay")
+def _matrix_nms_boxes_decay_fake(boxes, labels, order, kernel, sigma):
+    return order.new_empty(order.shape, dtype=torch.float64)

@@ -11,6 +11,11 @@ __all__ = [
     "channel_attention",
     "conv_out_size",
     "fixed_padding",
+    "matrix_nms",
+    "matrix_nms_boxes",
+    "matrix_nms_boxes_decay",
+    "matrix_nms_decay",
+    "matrix_nms_finish",
     "position_attention",
     "position_attention_sdpa",
     "roi_align",
@@ -18,6 +23,7 @@ __all__ = [
     "roi_align_torchvision",
     "roi_upsample",
     "rois_to_tensor",
+    "score_order",
     "separable_conv2d",
 ]
 
@@ -248,3 +254,103 @@ def roi_align_backward_torchvision(grad: Tensor, rois: Tensor, input_shape: tupl
     n, c, h, w = input_shape
     return torch.ops.torchvision._roi_align_backward(grad, rois, spatial_scale, grad.shape[2], grad.shape[3], n, c,
                                                      h, w, sampling_ratio, aligned)
+
+
+# ---- Matrix NMS (SOLOv2; mmdet's mask_matrix_nms) ------------------------------------------------
+
+
+def _decay_from_iou(iou: Tensor, labels: Tensor, kernel: str, sigma: float) -> Tensor:
+    """mmdet's decay of the masks in score order from their float64 IoU matrix: only the upper
+    triangle of same-label pairs decays; decay_j = min_i f(iou_ij) / f(comp_i) with comp_i the max IoU of
+    mask i with a higher-scored mask. A mask with f(comp_i) = 0 (a duplicate, linear kernel) applies no
+    decay instead of mmdet's 0/0."""
+    same = labels.view(-1, 1) == labels.view(1, -1)
+    decay_iou = (iou * same).triu(diagonal=1)
+    comp = decay_iou.max(dim=0).values
+
+    def f(x: Tensor) -> Tensor:
+        return torch.exp(-sigma * x.square()) if kernel == "gaussian" else 1 - x
+
+    den = f(comp).view(-1, 1)
+    ratio = torch.where(den > 0, f(decay_iou) / den, torch.ones_like(decay_iou))
+    return ratio.min(dim=0).values
+
+
+def _iou(inter: Tensor, area: Tensor) -> Tensor:
+    union = area.view(-1, 1) + area.view(1, -1) - inter
+    return torch.where(union > 0, inter / union, torch.zeros_like(union))
+
+
+def matrix_nms_decay(masks: Tensor, labels: Tensor, order: Tensor, mask_area: Tensor | None, kernel: str,
+                     sigma: float) -> Tensor:
+    """Decay factors (float64) of masks[order] the way mmdet computes them: a float copy of the masks
+    [n, H*W] and a matmul for the intersections."""
+    n = order.numel()
+    if n == 0:
+        return torch.zeros(0, dtype=torch.float64, device=masks.device)
+    flat = masks[order].reshape(n, -1).float()
+    inter = (flat @ flat.T).double()
+    area = flat.sum(1).double() if mask_area is None else mask_area[order].double()
+    return _decay_from_iou(_iou(inter, area), labels[order], kernel, sigma)
+
+
+def _box_iou(a: Tensor, b: Tensor) -> Tensor:
+    wh = (torch.minimum(a[:, None, 2:], b[None, :, 2:]) - torch.maximum(a[:, None, :2], b[None, :, :2])).clamp(min=0)
+    area_a = (a[:, 2:] - a[:, :2]).clamp(min=0).prod(1)
+    area_b = (b[:, 2:] - b[:, :2]).clamp(min=0).prod(1)
+    inter = wh.prod(2)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return torch.where(union > 0, inter / union, torch.zeros_like(union))
+
+
+def matrix_nms_boxes_decay(boxes: Tensor, labels: Tensor, order: Tensor, kernel: str, sigma: float) -> Tensor:
+    """Decay factors (float64) of boxes[order], one class at a time (Paddle's matrix_nms loops)."""
+    boxes, labels = boxes[order].double(), labels[order]
+    decay = torch.ones(len(order), dtype=torch.float64, device=boxes.device)
+    for label in labels.unique():
+        idx = (labels == label).nonzero().squeeze(1)
+        decay[idx] = _decay_from_iou(_box_iou(boxes[idx], boxes[idx]), labels[idx], kernel, sigma)
+    return decay
+
+
+def score_order(scores: Tensor, nms_pre: int) -> Tensor:
+    """Indices by descending score, ties by input index, the first ``nms_pre`` when > 0."""
+    order = torch.sort(scores, descending=True, stable=True).indices
+    return order[:nms_pre] if nms_pre > 0 else order
+
+
+def matrix_nms_finish(scores: Tensor, labels: Tensor, items: Tensor, order: Tensor, decay: Tensor,
+                      filter_thr: float, max_num: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Decayed scores, the ``filter_thr`` filter (when > 0), descending order (ties by input index), the
+    first ``max_num`` (when > 0): (scores, labels, items, keep_inds) with keep_inds into the input."""
+    new = (scores[order].double() * decay).to(scores.dtype)
+    if filter_thr > 0:
+        keep = new >= filter_thr
+        new, order = new[keep], order[keep]
+    by_index = torch.argsort(order)
+    new, order = new[by_index], order[by_index]
+    final = torch.sort(new, descending=True, stable=True).indices
+    if max_num > 0:
+        final = final[:max_num]
+    keep_inds = order[final]
+    return new[final], labels[keep_inds], items[keep_inds], keep_inds
+
+
+def matrix_nms(masks: Tensor, labels: Tensor, scores: Tensor, *, kernel: str = "gaussian", sigma: float = 2.0,
+               filter_thr: float = -1, nms_pre: int = -1, max_num: int = -1,
+               mask_area: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """mmdet's mask_matrix_nms in plain PyTorch (masks bool/uint8/float [n, H, W]; float masks count
+    where > 0.5): (scores, labels, masks, keep_inds)."""
+    binary = masks if masks.dtype in (torch.bool, torch.uint8) else masks > 0.5
+    order = score_order(scores, nms_pre)
+    decay = matrix_nms_decay(binary, labels, order, mask_area, kernel, sigma)
+    return matrix_nms_finish(scores, labels, masks, order, decay, filter_thr, max_num)
+
+
+def matrix_nms_boxes(boxes: Tensor, labels: Tensor, scores: Tensor, *, kernel: str = "gaussian",
+                     sigma: float = 2.0, filter_thr: float = -1, nms_pre: int = -1,
+                     max_num: int = -1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Matrix NMS of boxes (PP-YOLO / Paddle), per-class loops: (scores, labels, boxes, keep_inds)."""
+    order = score_order(scores, nms_pre)
+    decay = matrix_nms_boxes_decay(boxes, labels, order, kernel, sigma)
+    return matrix_nms_finish(scores, labels, boxes, order, decay, filter_thr, max_num)

@@ -16,13 +16,6 @@
 #include "ops/common/separable_conv.h"
 #include "ops/separable_conv2d.h"
 
-// The depthwise loops are short rows: compile them for AVX2/AVX-512 too and pick at load time
-// (the extension itself is built for the baseline x86-64 ISA).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FASTSEG_CPU_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
-#else
-#define FASTSEG_CPU_CLONES
-#endif
 
 namespace fastseg::ops {
 namespace {
