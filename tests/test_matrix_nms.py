@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fastseg import ops
+from fastseg.ops import nms
 
 BACKENDS = ["reference", "cpu"]
 
@@ -179,6 +180,11 @@ def test_batched_equals_per_image(backend):
     got = ops.matrix_nms_batched([s[0] for s in samples], [s[1] for s in samples], [s[2] for s in samples], **kw,
                                  backend=backend)
     for g, s in zip(got, samples, strict=True):
+        _assert_same(g, ops.matrix_nms(s[0], s[1], s[2], **kw, backend=backend))
+    # The single-call path (used on GPUs; CPU loops over images to spare the concatenated copy).
+    one = nms._batched_one_call([s[0] for s in samples], [s[0] for s in samples], [s[1] for s in samples],
+                                [s[2] for s in samples], None, "gaussian", 2.0, 0.05, 50, 30, backend)
+    for g, s in zip(one, samples, strict=True):
         _assert_same(g, ops.matrix_nms(s[0], s[1], s[2], **kw, backend=backend))
     mixed = [samples[0], sample(Case(9, 2, h=11, w=13))]  # different sizes: per-image calls
     got = ops.matrix_nms_batched([s[0] for s in mixed], [s[1] for s in mixed], [s[2] for s in mixed],

@@ -110,8 +110,8 @@ def matrix_nms_batched(masks: list[Tensor], labels: list[Tensor], scores: list[T
                        mask_area: list[Tensor] | None = None,
                        backend: str | None = None) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
     """:func:`matrix_nms` of every image of a batch (lists of per-image tensors), equal to calling it per
-    image. Images whose masks share H×W run as one call of the backend (one launch on a GPU): labels are
-    made unique per image, and pairs of different labels never interact."""
+    image. On a GPU, images whose masks share H×W run as one call of the backend (one launch; the masks
+    are concatenated): labels are made unique per image, and pairs of different labels never interact."""
     if not (len(masks) == len(labels) == len(scores) and (mask_area is None or len(mask_area) == len(masks))):
         raise ValueError(f"masks, labels, scores (and mask_area) must be lists of the same length, got "
                          f"{len(masks)}, {len(labels)}, {len(scores)}"
@@ -124,11 +124,20 @@ def matrix_nms_batched(masks: list[Tensor], labels: list[Tensor], scores: list[T
         binaries.append(_binary(m))
         _check(m, lab, s, kernel, sigma, "mask")
         _check_area(a, m)
-    same = len({(b.shape[1:], b.device, b.dtype) for b in binaries}) == 1
-    if not same:
+    # One backend call for the batch where that saves launches (a GPU) and the masks share H×W; on CPU,
+    # per-image calls spare the concatenated copy of the masks.
+    one_call = len({(b.shape[1:], b.device, b.dtype) for b in binaries}) == 1 and binaries[0].device.type != "cpu"
+    if not one_call:
         return [matrix_nms(m, lab, s, kernel=kernel, sigma=sigma, filter_thr=filter_thr, nms_pre=nms_pre,
                            max_num=max_num, mask_area=a, backend=backend)
                 for m, lab, s, a in zip(masks, labels, scores, areas, strict=True)]
+    return _batched_one_call(binaries, masks, labels, scores, mask_area, kernel, float(sigma), filter_thr, nms_pre,
+                             max_num, backend)
+
+
+def _batched_one_call(binaries, masks, labels, scores, mask_area, kernel, sigma, filter_thr, nms_pre, max_num,
+                      backend):
+    """The batch as one backend call: masks concatenated, labels made unique per image."""
     count = len(masks)
     orders = [_reference.score_order(s, nms_pre) for s in scores]
     offsets = [0]
@@ -137,9 +146,9 @@ def matrix_nms_batched(masks: list[Tensor], labels: list[Tensor], scores: list[T
     # label * count + image: unique per (image, label) without reading the labels (no device sync).
     all_labels = torch.cat([lab.long() * count + i for i, lab in enumerate(labels)])
     all_order = torch.cat([o + off for o, off in zip(orders, offsets, strict=False)])
-    all_area = torch.cat([a.double() for a in areas]) if mask_area is not None else None
+    all_area = torch.cat([a.double() for a in mask_area]) if mask_area is not None else None
     impl = _backend.resolve("matrix_nms", binaries[0].device, backend)
-    decay = impl(torch.cat(binaries), all_labels, all_order, all_area, kernel, float(sigma))
+    decay = impl(torch.cat(binaries), all_labels, all_order, all_area, kernel, sigma)
     decays = decay.split([len(o) for o in orders])
     return [_reference.matrix_nms_finish(s, lab, m, o, d, filter_thr, max_num) if m.shape[0] else _empty(s, lab, m)
             for m, lab, s, o, d in zip(masks, labels, scores, orders, decays, strict=True)]
