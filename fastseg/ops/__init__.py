@@ -13,6 +13,7 @@ from fastseg.ops._backend import (
     use_backend,
 )
 from fastseg.ops.attention import channel_attention, position_attention
+from fastseg.ops.crf import dense_crf
 from fastseg.ops.nms import matrix_nms, matrix_nms_batched, matrix_nms_boxes
 from fastseg.ops.roi import roi_align, roi_upsample
 from fastseg.ops.separable_conv import separable_conv2d
@@ -29,6 +30,7 @@ __all__ = [
     "available_backends",
     "backend_status",
     "channel_attention",
+    "dense_crf",
     "matrix_nms",
     "matrix_nms_batched",
     "matrix_nms_boxes",

@@ -36,16 +36,30 @@ class BackendUnavailableError(RuntimeError):
 
 
 _IMPLS: dict[str, dict[str, Callable]] = {}
+# (op, "cpu"/"cuda") -> (the compiled op it calls, whether the loaded fastseg._C has that kernel)
+_KERNELS: dict[tuple[str, str], tuple[str, bool]] = {}
 _PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {}
 # use_backend() stack; a plain list so that torch.compile can read it without a graph break.
 _OVERRIDE: list[str] = []
 
 
-def register(op: str, backend: str, fn: Callable) -> None:
-    """Register ``fn`` as ``op``'s implementation for ``backend``."""
+def register(op: str, backend: str, fn: Callable, kernel: str | None = None) -> None:
+    """Register ``fn`` as ``op``'s implementation for ``backend``; ``kernel`` names the compiled op
+    (``"fastseg::x"``) a cpu/cuda implementation calls, so that a build without it reports why."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     _IMPLS.setdefault(op, {})[backend] = fn
+    if kernel is not None:  # asked once here: torch.compile cannot trace the dispatcher query
+        _KERNELS[(op, backend)] = (kernel, _kernel_present(kernel, backend))
+
+
+def _kernel_present(qualname: str, backend: str) -> bool:
+    if not _extension.has_ops():
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(qualname, backend.upper())
+    except RuntimeError:  # the op itself does not exist
+        return False
 
 
 def set_preference(op: str, order: dict[str, Sequence[str]]) -> None:
@@ -75,14 +89,17 @@ def _reason(op: str, backend: str, device: torch.device) -> str | None:
     if backend in ("cpu", "cuda"):
         if not _extension.has_ops():
             return str(_extension.load_error())
-        if backend == "cpu":
-            return None if device.type == "cpu" else f"the cpu backend takes CPU tensors, got {device}"
-        if not _extension.has_cuda_ops():
-            skipped = _extension.build_info().get("cuda_skipped") or "unknown reason"
-            return f"fastseg._C was built without CUDA kernels ({skipped})"
-        if not torch.cuda.is_available():
-            return "no CUDA GPU is visible"
-        return None if device.type == "cuda" else f"the cuda backend takes CUDA tensors, got {device}"
+        if backend == "cuda":
+            if not _extension.has_cuda_ops():
+                skipped = _extension.build_info().get("cuda_skipped") or "unknown reason"
+                return f"fastseg._C was built without CUDA kernels ({skipped})"
+            if not torch.cuda.is_available():
+                return "no CUDA GPU is visible"
+        kernel, present = _KERNELS.get((op, backend), ("", True))
+        if not present:
+            return f"fastseg._C has no {backend.upper()} kernel for {kernel} (built from older sources?)"
+        where = f"the {backend} backend takes {backend.upper()} tensors, got {device}"
+        return None if device.type == backend else where
     # triton
     if not _triton_found():
         return "Triton is not installed"

@@ -3,6 +3,9 @@ backend. Written for clarity, not speed; every function runs on any device and d
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -10,6 +13,9 @@ from torch import Tensor
 __all__ = [
     "channel_attention",
     "conv_out_size",
+    "crf_features",
+    "dense_crf",
+    "dense_crf_exact",
     "fixed_padding",
     "matrix_nms",
     "matrix_nms_boxes",
@@ -354,3 +360,131 @@ def matrix_nms_boxes(boxes: Tensor, labels: Tensor, scores: Tensor, *, kernel: s
     order = score_order(scores, nms_pre)
     decay = matrix_nms_boxes_decay(boxes, labels, order, kernel, sigma)
     return matrix_nms_finish(scores, labels, boxes, order, decay, filter_thr, max_num)
+
+
+# ---- Dense CRF (Krähenbühl & Koltun; pydensecrf semantics) ----------------------------------------
+
+
+def crf_features(image: Tensor, pos_sxy: float, bi_sxy: float, bi_srgb: float) -> tuple[Tensor, Tensor]:
+    """Per-pixel features of one image [3, H, W] (0..255), pixels row-major: (x/pos_sxy, y/pos_sxy) for
+    the smoothness kernel and (x/bi_sxy, y/bi_sxy, r/bi_srgb, g/bi_srgb, b/bi_srgb) for the appearance one."""
+    _, h, w = image.shape
+    y, x = torch.meshgrid(torch.arange(h, device=image.device, dtype=image.dtype),
+                          torch.arange(w, device=image.device, dtype=image.dtype), indexing="ij")
+    xy = torch.stack([x.reshape(-1), y.reshape(-1)], 1)
+    rgb = image.reshape(3, -1).T
+    return xy / pos_sxy, torch.cat([xy / bi_sxy, rgb / bi_srgb], 1)
+
+
+class _Lattice:
+    """The permutohedral lattice of Adams, Baek & Davis (2010) over features [P, d], built with tensor ops:
+    each point is lifted onto the plane sum = 0 of Z^(d+1) (scaled so that the lattice blur approximates
+    exp(-|f_i - f_j|² / 2)), splats onto the d+1 vertices of its enclosing simplex with barycentric weights;
+    ``filter`` = splat, blur with [1/2, 1, 1/2] along each of the d+1 lattice directions, slice."""
+
+    def __init__(self, feats: Tensor) -> None:
+        p, d = feats.shape
+        dev, dt = feats.device, feats.dtype
+        i = torch.arange(d, device=dev, dtype=dt)
+        cf = feats * (math.sqrt(2.0 / 3.0) * (d + 1) / torch.sqrt((i + 1) * (i + 2)))
+        # elevated[0] = sum(cf); elevated[j] = sum(cf[j:]) - j * cf[j - 1] for j >= 1
+        suffix = cf.flip(1).cumsum(1).flip(1)  # suffix[:, k] = sum(cf[:, k:])
+        elev = torch.cat([suffix[:, :1], torch.cat([suffix[:, 1:], cf.new_zeros(p, 1)], 1) - i.add(1) * cf], 1)
+        # the nearest remainder-0 lattice point (coordinates multiple of d + 1), ties down
+        down = torch.floor(elev / (d + 1)) * (d + 1)
+        up = torch.ceil(elev / (d + 1)) * (d + 1)
+        rem0 = torch.where(up - elev < elev - down, up, down)
+        total = torch.round(rem0.sum(1) / (d + 1)).long()
+        diff = elev - rem0
+        # rank of each coordinate by diff, decreasing; ties: the lower index ranks first
+        j_idx = torch.arange(d + 1, device=dev)
+        greater = diff.unsqueeze(1) > diff.unsqueeze(2)  # [p, i, j]: diff_j > diff_i
+        equal_before = (diff.unsqueeze(1) == diff.unsqueeze(2)) & (j_idx.view(1, 1, -1) < j_idx.view(1, -1, 1))
+        rank = (greater | equal_before).sum(2)
+        # walk to the simplex whose remainder-0 vertex makes the coordinates sum to 0
+        t = total.view(-1, 1)
+        pos_fix = (t > 0) & (rank >= d + 1 - t)
+        neg_fix = (t < 0) & (rank < -t)
+        rank = torch.where(pos_fix, rank - (d + 1 - t), torch.where(neg_fix, rank + (d + 1 + t), rank + t))
+        rem0 = torch.where(pos_fix, rem0 - (d + 1), torch.where(neg_fix, rem0 + (d + 1), rem0))
+        # barycentric weights of the d + 1 vertices
+        v = (elev - rem0) / (d + 1)
+        bary = cf.new_zeros(p, d + 2)
+        bary.scatter_add_(1, d - rank, v)
+        bary.scatter_add_(1, d + 1 - rank, -v)
+        bary[:, 0] += 1 + bary[:, d + 1]
+        self.weights = bary[:, : d + 1]  # [p, d + 1]
+        # vertex r of the simplex: rem0 + r where rank <= d - r, else rem0 + r - (d + 1) (first d coordinates)
+        r = torch.arange(d + 1, device=dev).view(1, -1, 1)
+        offset = torch.where(rank[:, :d].unsqueeze(1) <= d - r, r, r - (d + 1))
+        keys = (rem0[:, :d].round().long().unsqueeze(1) + offset).reshape(-1, d)  # [p * (d + 1), d]
+        # lattice vertices, and the neighbours of each along each direction
+        step = torch.full((d + 1, d), -1, device=dev, dtype=torch.long)
+        step[torch.arange(d), torch.arange(d)] = d  # direction j: +d on coordinate j, -1 on the others
+        verts, self.index = torch.unique(keys, dim=0, return_inverse=True)
+        m = len(verts)
+        near = torch.cat([verts.unsqueeze(0) + step.unsqueeze(1), verts.unsqueeze(0) - step.unsqueeze(1)])
+        all_keys, inverse = torch.unique(torch.cat([verts, near.reshape(-1, d)]), dim=0, return_inverse=True)
+        vertex_of = torch.full((len(all_keys),), m, device=dev, dtype=torch.long)  # m: the zero row
+        vertex_of[inverse[:m]] = torch.arange(m, device=dev)
+        self.neighbours = vertex_of[inverse[m:]].view(2, d + 1, m)
+        self.index = self.index.view(p, d + 1)
+        self.size = m
+
+    def filter(self, values: Tensor) -> Tensor:
+        """values [P, C] → [P, C], ≈ sum_j exp(-|f_i - f_j|² / 2) values_j (up to a constant factor)."""
+        c = values.shape[1]
+        grid = values.new_zeros(self.size + 1, c)
+        grid.index_add_(0, self.index.reshape(-1), (self.weights.unsqueeze(2) * values.unsqueeze(1)).reshape(-1, c))
+        for j in range(self.neighbours.shape[1]):
+            blurred = grid[:-1] + 0.5 * (grid[self.neighbours[0, j]] + grid[self.neighbours[1, j]])
+            grid = torch.cat([blurred, grid[-1:]])
+        return (grid[self.index] * self.weights.unsqueeze(2)).sum(1)
+
+
+def _mean_field(unary: Tensor, filters: list[tuple[float, Callable[[Tensor], Tensor]]], iterations: int) -> Tensor:
+    """pydensecrf's inference on one image: unary [C, P]; filters: (compat, normalised filter of [P, C])."""
+    q = torch.softmax(-unary, 0)
+    for _ in range(iterations):
+        message = sum(compat * filt(q.T).T for compat, filt in filters)
+        q = torch.softmax(-unary + message, 0)  # Potts: labels the neighbours hold gain
+    return q
+
+
+def _symmetric(filt: Callable[[Tensor], Tensor], p: int, like: Tensor) -> Callable[[Tensor], Tensor]:
+    """D^-1/2 K D^-1/2 with D = K 1 (the filter's own row sums: its constant factors cancel)."""
+    norm = (filt(like.new_ones(p, 1)) + 1e-20).rsqrt()
+    return lambda v: norm * filt(norm * v)
+
+
+def dense_crf(unary: Tensor, image: Tensor, *, iterations: int = 5, pos_sxy: float = 3.0, pos_compat: float = 3.0,
+              bi_sxy: float = 80.0, bi_srgb: float = 13.0, bi_compat: float = 10.0) -> Tensor:
+    """Mean-field inference of the fully connected CRF (pydensecrf's DenseCRF2D with a Gaussian and a
+    bilateral Potts kernel, symmetric normalisation), kernels filtered with the permutohedral lattice.
+    unary [N, C, H, W] energies, image [N, 3, H, W] in 0..255 (the unary's dtype) → Q [N, C, H, W]."""
+    n, c, h, w = unary.shape
+    out = []
+    for b in range(n):
+        pos, bil = crf_features(image[b].to(unary.dtype), pos_sxy, bi_sxy, bi_srgb)
+        filters = []
+        for compat, feats in ((pos_compat, pos), (bi_compat, bil)):
+            lattice = _Lattice(feats)
+            filters.append((compat, _symmetric(lattice.filter, h * w, unary)))
+        out.append(_mean_field(unary[b].reshape(c, -1), filters, iterations).view(c, h, w))
+    return torch.stack(out) if out else unary.new_zeros(unary.shape)
+
+
+def dense_crf_exact(unary: Tensor, image: Tensor, *, iterations: int = 5, pos_sxy: float = 3.0,
+                    pos_compat: float = 3.0, bi_sxy: float = 80.0, bi_srgb: float = 13.0,
+                    bi_compat: float = 10.0) -> Tensor:
+    """:func:`dense_crf` with the exact Gaussian kernels (an O((HW)²) matrix each: tiny images only)."""
+    n, c, h, w = unary.shape
+    out = []
+    for b in range(n):
+        pos, bil = crf_features(image[b].to(unary.dtype), pos_sxy, bi_sxy, bi_srgb)
+        filters = []
+        for compat, feats in ((pos_compat, pos), (bi_compat, bil)):
+            k = torch.exp(-0.5 * torch.cdist(feats, feats).square())
+            filters.append((compat, _symmetric(lambda v, k=k: k @ v, h * w, unary)))
+        out.append(_mean_field(unary[b].reshape(c, -1), filters, iterations).view(c, h, w))
+    return torch.stack(out) if out else unary.new_zeros(unary.shape)

@@ -185,12 +185,12 @@ def _triton_masks(*args):
 
 
 _backend.register("matrix_nms", "reference", _reference.matrix_nms_decay)
-_backend.register("matrix_nms", "cpu", _compiled_masks)
-_backend.register("matrix_nms", "cuda", _compiled_masks)
+_backend.register("matrix_nms", "cpu", _compiled_masks, kernel="fastseg::matrix_nms_decay")
+_backend.register("matrix_nms", "cuda", _compiled_masks, kernel="fastseg::matrix_nms_decay")
 _backend.register("matrix_nms", "triton", _triton_masks)
 _backend.register("matrix_nms_boxes", "reference", _reference.matrix_nms_boxes_decay)
-_backend.register("matrix_nms_boxes", "cpu", _compiled_boxes)
-_backend.register("matrix_nms_boxes", "cuda", _compiled_boxes)
+_backend.register("matrix_nms_boxes", "cpu", _compiled_boxes, kernel="fastseg::matrix_nms_boxes_decay")
+_backend.register("matrix_nms_boxes", "cuda", _compiled_boxes, kernel="fastseg::matrix_nms_boxes_decay")
 # Measured on CPU (bench/results/): the bit-packed kernel beats the float formulation. The CUDA order is
 # provisional until a GPU run of bench/gpu_check.sh is recorded.
 _backend.set_preference("matrix_nms", {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")})

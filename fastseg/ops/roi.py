@@ -149,8 +149,8 @@ for _op, _reference_impl, _compiled_impl, _triton_impl in (
         ("roi_align", _roi_align_reference, _roi_align_compiled, _roi_align_triton),
         ("roi_upsample", _roi_upsample_reference, _roi_upsample_compiled, _roi_upsample_triton)):
     _backend.register(_op, "reference", _reference_impl)
-    _backend.register(_op, "cpu", _compiled_impl)
-    _backend.register(_op, "cuda", _compiled_impl)
+    _backend.register(_op, "cpu", _compiled_impl, kernel=f"fastseg::{_op}")
+    _backend.register(_op, "cuda", _compiled_impl, kernel=f"fastseg::{_op}")
     _backend.register(_op, "triton", _triton_impl)
     # Measured on CPU (bench/results/): the C++ kernels beat the reference. The CUDA order is
     # provisional until a GPU run of bench/gpu_check.sh is recorded.
