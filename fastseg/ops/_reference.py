@@ -16,6 +16,7 @@ __all__ = [
     "crf_features",
     "dense_crf",
     "dense_crf_exact",
+    "dense_crf_pydensecrf",
     "fixed_padding",
     "matrix_nms",
     "matrix_nms_boxes",
@@ -488,3 +489,23 @@ def dense_crf_exact(unary: Tensor, image: Tensor, *, iterations: int = 5, pos_sx
             filters.append((compat, _symmetric(lambda v, k=k: k @ v, h * w, unary)))
         out.append(_mean_field(unary[b].reshape(c, -1), filters, iterations).view(c, h, w))
     return torch.stack(out) if out else unary.new_zeros(unary.shape)
+
+
+def dense_crf_pydensecrf(unary: Tensor, image: Tensor, *, iterations: int = 5, pos_sxy: float = 3.0,
+                         pos_compat: float = 3.0, bi_sxy: float = 80.0, bi_srgb: float = 13.0,
+                         bi_compat: float = 10.0) -> Tensor:
+    """pydensecrf itself (CPU, float32, one image at a time): the baseline the benchmarks measure against.
+    unary [N, C, H, W], image [N, 3, H, W] in 0..255 → Q [N, C, H, W] (unary's dtype and device)."""
+    import numpy as np
+    import pydensecrf.densecrf as dcrf
+
+    n, c, h, w = unary.shape
+    out = []
+    for b in range(n):
+        crf = dcrf.DenseCRF2D(w, h, c)
+        crf.setUnaryEnergy(np.ascontiguousarray(unary[b].reshape(c, -1).detach().cpu().numpy(), dtype=np.float32))
+        crf.addPairwiseGaussian(sxy=pos_sxy, compat=pos_compat)
+        rgb = image[b].detach().round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        crf.addPairwiseBilateral(sxy=bi_sxy, srgb=bi_srgb, rgbim=np.ascontiguousarray(rgb), compat=bi_compat)
+        out.append(torch.from_numpy(np.array(crf.inference(iterations), dtype=np.float32)).view(c, h, w))
+    return torch.stack(out).to(device=unary.device, dtype=unary.dtype) if out else torch.zeros_like(unary)
