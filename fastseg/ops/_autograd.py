@@ -76,6 +76,19 @@ def _roi_upsample_backward(ctx, grad):
     return (g,) + (None,) * 8
 
 
+def _dense_crf_setup(ctx, inputs, output):
+    unary, image, *ctx.params = inputs  # iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat
+    ctx.save_for_backward(unary, image)
+
+
+def _dense_crf_backward(ctx, grad):
+    """The backward re-runs the forward to recover the trajectory (storing it would keep
+    iterations × the output alive between forward and backward)."""
+    unary, image = ctx.saved_tensors
+    g = torch.ops.fastseg._dense_crf_backward(grad.contiguous(), unary, image, *ctx.params)
+    return (g,) + (None,) * 7
+
+
 def register_compiled() -> None:
     register_separable_conv2d_autograd("fastseg::separable_conv2d",
                                        torch.ops.fastseg._separable_conv2d_backward)
@@ -84,3 +97,4 @@ def register_compiled() -> None:
     torch.library.register_autograd("fastseg::roi_align", _roi_align_backward, setup_context=_roi_align_setup)
     torch.library.register_autograd("fastseg::roi_upsample", _roi_upsample_backward,
                                     setup_context=_roi_upsample_setup)
+    torch.library.register_autograd("fastseg::dense_crf", _dense_crf_backward, setup_context=_dense_crf_setup)

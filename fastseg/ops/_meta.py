@@ -83,3 +83,13 @@ def _matrix_nms_decay_fake(masks, labels, order, mask_area, kernel, sigma):
 @torch.library.register_fake("fastseg::matrix_nms_boxes_decay")
 def _matrix_nms_boxes_decay_fake(boxes, labels, order, kernel, sigma):
     return order.new_empty(order.shape, dtype=torch.float64)
+
+
+@torch.library.register_fake("fastseg::dense_crf")
+def _dense_crf_fake(unary, image, iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat):
+    return torch.empty_like(unary)
+
+
+@torch.library.register_fake("fastseg::_dense_crf_backward")
+def _dense_crf_backward_fake(grad, unary, image, iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat):
+    return torch.empty_like(unary)
