@@ -195,6 +195,7 @@ BAD = [
                                                    (5, 5)), "roi_maps has 2 maps"),
     ("non-finite rois", lambda f: ops.roi_align(f, torch.tensor([[0.0, 0, 0, float("nan"), 1]]), 2), "finite"),
     ("features rank", lambda f: ops.roi_align(f[0], torch.tensor([[0.0, 0, 0, 1, 1]]), 2), "features must be"),
+    ("empty feature map", lambda f: ops.roi_align(f[:, :, :0], torch.tensor([[0.0, 0, 0, 1, 1]]), 2), "H, W > 0"),
 ]
 
 
@@ -310,6 +311,7 @@ DIRECT_BAD = [
     ("rois shape", lambda: _align(rois=torch.zeros(2, 4)), "rois must be"),
     ("batch index", lambda: _align(rois=torch.tensor([[3.0, 0, 0, 2, 2]])), "batch index"),
     ("pooled size", lambda: _align(ph=0), "pooled_h"),
+    ("empty feature map", lambda: _align(torch.randn(1, 3, 4, 0)), "H, W > 0"),
     ("mode", lambda: _upsample(mode="nearest"), "mode"),
     ("nan rois", lambda: _upsample(rois=torch.full((1, 5), float("nan"))), "finite"),
     ("dtype", lambda: _align(torch.randn(1, 2, 4, 4).half(), torch.zeros(1, 5).half()), "float32 and float64"),

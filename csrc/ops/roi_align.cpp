@@ -58,6 +58,8 @@ void check_size(int64_t batch_size, int64_t height, int64_t width) {
 void roi_align_check(const at::Tensor& features, const at::Tensor& rois, int64_t pooled_h,
                      int64_t pooled_w) {
   check_data(features, "features", "[N, C, H, W]");
+  TORCH_CHECK(features.size(2) > 0 && features.size(3) > 0,
+              "features must have H, W > 0, got shape ", features.sizes());
   check_pooled(pooled_h, pooled_w);
   check_rois(rois, features, "features", features.size(0));
 }

@@ -71,6 +71,8 @@ def roi_align(features: Tensor, rois: Tensor | list[Tensor], output_size: int | 
     """
     if not isinstance(features, Tensor) or features.dim() != 4 or not features.is_floating_point():
         raise ValueError(f"features must be a floating [N, C, H, W] tensor, got {getattr(features, 'shape', features)}")
+    if features.shape[2] == 0 or features.shape[3] == 0:
+        raise ValueError(f"features must have H, W > 0, got shape {tuple(features.shape)}")
     rois = _check_rois(rois, features, features.shape[0])
     ph, pw = _pair("output_size", output_size)
     impl = _backend.resolve("roi_align", features.device, backend)
