@@ -1368,7 +1368,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--no-check", action="store_true", help="skip the correctness checks (not recommended)")
     p.add_argument("--time-limit", type=float, default=None,
-                   help="stop starting new cases after this many seconds (exit 3; partial results written)")
+                   help="seconds for the whole run, shared equally by the ops (time an op leaves unused goes to the "
+                        "next); an op's remaining cases are skipped once its share is spent (exit 3; partial results "
+                        "written)")
     p.add_argument("--out", default="bench/out", help="output folder (default bench/out/)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     args = p.parse_args(argv)
@@ -1444,7 +1446,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                            for k, v in ceilings.get("matmul_TFLOPs", {}).items())
             print(f"ceilings: copy {ceilings.get('copy_GBps', float('nan')):.0f} GB/s; matmul TFLOP/s: {mm}",
                   flush=True)
-        for op in op_names:
+        cut: list[str] = []
+        for i, op in enumerate(op_names):
+            # With --time-limit every op gets an equal share of the time left (unused time rolls
+            # over) and its first case whenever any time is left, so that a slow early op cannot
+            # starve the later ones of every measurement.
+            op_deadline, left = None, math.inf
+            if args.time_limit is not None:
+                left = args.time_limit - (time.monotonic() - started)
+                op_deadline = time.monotonic() + max(left, 0.0) / (len(op_names) - i)
             backends, skipped = _usable_backends(op, device, wanted_backends)
             skipped_backends[op] = skipped
             for b, why in skipped.items():
@@ -1452,24 +1462,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             cases = get_cases(op, batch=args.batch, quick=args.quick)
             if words:
                 cases = [c for c in cases if any(w in c.name for w in words)]
-            for case in cases:
-                for dtype in dtypes:
-                    if args.time_limit is not None and time.monotonic() - started > args.time_limit:
-                        incomplete = f"time limit of {args.time_limit:g} s reached"
-                        raise _Stop()
-                    t0 = time.monotonic()
-                    new = _bench_case(case, dtype, device, backends, args, log)
-                    copy_bw = ceilings.get("copy_GBps")
-                    for r in new:
-                        if r.GBps is not None and isinstance(copy_bw, float):
-                            r.pct_copy_bw = 100.0 * r.GBps / copy_bw
-                    rows += new
-                    summary = ", ".join(f"{r.backend} {r.speedup:.2f}x" if r.speedup else f"{r.backend} {r.status}"
-                                        for r in new)
-                    print(f"  {case.label} [{_dtype_name(dtype)}] {case.params.get('shape', '')}: {summary} "
-                          f"({time.monotonic() - t0:.1f} s)", flush=True)
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+            todo = [(case, dtype) for case in cases for dtype in dtypes]
+            for k, (case, dtype) in enumerate(todo):
+                if op_deadline is not None and time.monotonic() > op_deadline and (k > 0 or left <= 0):
+                    cut.append(f"{op} {k}/{len(todo)}")
+                    incomplete = f"time limit of {args.time_limit:g} s; cases run (of all) where cut: {', '.join(cut)}"
+                    print(f"{op}: its share of --time-limit is spent after {k} of {len(todo)} cases", flush=True)
+                    break
+                t0 = time.monotonic()
+                new = _bench_case(case, dtype, device, backends, args, log)
+                copy_bw = ceilings.get("copy_GBps")
+                for r in new:
+                    if r.GBps is not None and isinstance(copy_bw, float):
+                        r.pct_copy_bw = 100.0 * r.GBps / copy_bw
+                rows += new
+                summary = ", ".join(f"{r.backend} {r.speedup:.2f}x" if r.speedup else f"{r.backend} {r.status}"
+                                    for r in new)
+                print(f"  {case.label} [{_dtype_name(dtype)}] {case.params.get('shape', '')}: {summary} "
+                      f"({time.monotonic() - t0:.1f} s)", flush=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     except (_Stop, KeyboardInterrupt):
         incomplete = incomplete or "interrupted (SIGTERM / Ctrl-C)"
         log(f"fastseg.bench: stopped early: {incomplete}; writing partial results")
