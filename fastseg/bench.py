@@ -386,7 +386,8 @@ def _attention_case(op: str, name: str, side: int, batch: int, train: bool, quic
         return float(batch * 4 * c * c * n)
 
     params: dict[str, Any] = {"layer": f"DANet head at {side}x{side} (ResNet-101, OS8)", "N": batch, "C": c,
-                              "H": hw, "W": hw, "shape": f"{batch}x{c}x{hw}x{hw}", "baseline": eager or op}
+                              "H": hw, "W": hw, "shape": f"{batch}x{c}x{hw}x{hw}",
+                              "baseline": f"_reference.{eager or op}"}
     if op == "position_attention":
         params.update(Ck=ck, shape=f"{batch}x[{ck},{ck},{c}]x{hw}x{hw}")
     make = _attention_inputs(op, side, batch, train)
@@ -534,7 +535,7 @@ def roi_upsample_cases(batch: int = 1, quick: bool = False) -> list[Case]:
                     return ops.roi_upsample(i["maps"], i["rois"], shape[2:], batch_size=shape[0], spatial_scale=scale,
                                             mode=mode.removesuffix("_deterministic"), **_ROI_KW, backend=backend)
 
-            base_name = "torchvision roi_align backward" if op_mode == "adjoint" else "reference"
+            base_name = "torchvision roi_align backward" if op_mode == "adjoint" else "_reference.roi_upsample"
             cases.append(Case("roi_upsample", f"{load.name}_{mode}", "fwd", _roi_params(load, batch, base_name),
                               _roi_inputs(load, batch, True), baseline, run, _roi_bytes(load, batch), None,
                               load.quick and mode != "aunet"))
@@ -688,7 +689,7 @@ def _crf_baseline() -> tuple[str, Callable[..., Tensor]]:
     try:
         import pydensecrf.densecrf  # noqa: F401
     except ImportError:
-        return "reference (pydensecrf not installed)", _reference.dense_crf
+        return "_reference.dense_crf (pydensecrf not installed)", _reference.dense_crf
     return "pydensecrf", _reference.dense_crf_pydensecrf
 
 
@@ -1265,16 +1266,23 @@ def _table(rows: Sequence[_Row], device: torch.device) -> str:
     fmt_line = "  ".join(f"{{:{'<' if i < 4 or i == len(head) - 1 else '>'}{w}}}" for i, w in enumerate(widths))
     out = [fmt_line.format(*head), "  ".join("-" * w for w in widths)]
     out += [fmt_line.format(*c) for c in lines]
+    others = sorted({f"; {r.op}: {_baseline_name(r)}" for r in rows if not _baseline_name(r).startswith("_ref")})
     out.append("ms: median ± IQR/2 of one call; speed-up = ref ms / ms (ref = eager PyTorch from "
-               "fastseg.ops._reference, same run);\npeak MB: bytes allocated on top of the live ones during one "
-               "call, outputs included; rel err: max|out - fp64 oracle| / max|oracle| (worst output)")
+               f"fastseg.ops._reference, same run; the CSV's baseline column names the others{''.join(others)});"
+               "\npeak MB: bytes allocated on top of the live "
+               "ones during one call, outputs included; rel err: max|out - fp64 oracle| / max|oracle| (worst output)")
     return "\n".join(out)
 
 
-_CSV_FIELDS = ["op", "case", "mode", "dtype", "backend", "status", "shape", "ref_ms", "ref_iqr_ms", "ref_reps", "ms",
-               "iqr_ms", "reps", "speedup", "ref_peak_MB", "peak_MB", "bytes_moved", "flops", "ref_GBps", "GBps",
-               "pct_copy_bw", "ref_TFLOPs", "TFLOPs", "max_abs_err", "max_rel_err", "err_vs_fp64",
+_CSV_FIELDS = ["op", "case", "mode", "dtype", "backend", "status", "shape", "baseline", "ref_ms", "ref_iqr_ms",
+               "ref_reps", "ms", "iqr_ms", "reps", "speedup", "ref_peak_MB", "peak_MB", "bytes_moved", "flops",
+               "ref_GBps", "GBps", "pct_copy_bw", "ref_TFLOPs", "TFLOPs", "max_abs_err", "max_rel_err", "err_vs_fp64",
                "baseline_err_vs_fp64", "limit", "message"]
+
+
+def _baseline_name(r: _Row) -> str:
+    """What the case's ``ref`` is: named in its params when not fastseg.ops._reference's eager op."""
+    return str(r.params.get("baseline", f"_reference.{r.op}"))
 
 
 def _write_csv(path: Path, rows: Sequence[_Row]) -> None:
@@ -1285,6 +1293,7 @@ def _write_csv(path: Path, rows: Sequence[_Row]) -> None:
             d = dataclasses.asdict(r)
             d.update({k: v for k, v in r.check.items() if k in _CSV_FIELDS})
             d["shape"] = r.params.get("shape", "")
+            d["baseline"] = _baseline_name(r)
             w.writerow(d)
 
 
@@ -1500,7 +1509,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "settings": {"device": str(device), "dtypes": [_dtype_name(d) for d in dtypes], "batch": args.batch,
                      "quick": args.quick, "budget_s": args.budget, "min_reps": args.min_reps, "rounds": args.rounds,
                      "check": not args.no_check, "atol": {_dtype_name(k): v for k, v in ATOL.items()},
-                     "baseline": "fastseg.ops._reference (eager PyTorch composition)"},
+                     "baseline": "fastseg.ops._reference (eager PyTorch composition) unless a case's params name "
+                                 "another"},
         "machine": info,
         "memory_probe": probe,
         "ceilings": ceilings,
