@@ -2,9 +2,9 @@
 reference ``_reference.matrix_nms_decay`` (and the CPU kernel when the extension is built): random,
 heavily overlapping masks, one or several classes, both kernels, sigma 0.5 and 2, given areas, H*W not
 a multiple of 32, order a permutation or a prefix (nms_pre), identical and empty masks, n = 0 and 1,
-the default blocks (one tile) and 16-wide blocks with a 3-way K split (many tiles, skipped cross-label
-tiles, int32 atomics); then the public ``fastseg.ops.matrix_nms(..., backend="triton")``, strided and
-uint8 masks, determinism and bad arguments.
+the default blocks (one tile), 16-wide blocks with a 3-way K split (many tiles, skipped cross-label
+tiles, int32 atomics) and the same tiles on the large-n path (no n x n buffer); then the public
+``fastseg.ops.matrix_nms(..., backend="triton")``, strided and uint8 masks, determinism and bad arguments.
 
 Run in its own process: ``TRITON_INTERPRET=1 pytest tests/test_matrix_nms_triton.py``
 (the interpreter must be on before triton is first imported, so setting it here is too late).
@@ -31,6 +31,9 @@ pytestmark = [
 
 # 16-wide tiles over 32 pixels, 3 K splits: several tiles and atomic partial sums on tiny shapes.
 SMALL = dict(BLOCK=16, BLOCK_K=32, SPLIT_K=3, WARPS=4, STAGES=1, COL_P=16, COL_Q=16)
+# The same tiles through the large-n path (no n x n buffer: atomic min/max of order keys per column).
+FUSED = dict(SMALL, FUSED=True)
+BLOCKS = {"default": None, "small": SMALL, "fused": FUSED}
 RTOL, ATOL = 1e-12, 1e-14  # against the float64 reference (same math, other rounding order)
 
 
@@ -109,12 +112,12 @@ def _check_decay(got, masks, labels, order, area, kernel, sigma):
     return want
 
 
-@pytest.mark.parametrize("blocks", ["default", "small"])
+@pytest.mark.parametrize("blocks", BLOCKS)
 @pytest.mark.parametrize("kernel", ["gaussian", "linear"])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_decay_matches_reference(case, kernel, blocks):
     masks, labels, order, area = sample(case)
-    got = _decay(masks, labels, order, area, kernel, case.sigma, SMALL if blocks == "small" else None)
+    got = _decay(masks, labels, order, area, kernel, case.sigma, BLOCKS[blocks])
     want = _check_decay(got, masks, labels, order, area, kernel, case.sigma)
     if case.classes == case.n or case.n == 1:
         assert (got == 1).all()
@@ -132,8 +135,21 @@ def test_many_tiles_and_labels():
     masks, labels, order, area = sample(case)
     labels = torch.arange(40) // 7  # groups of 7 in input order; order permutes them
     for kernel in ("gaussian", "linear"):
-        got = _decay(masks, labels, order, area, kernel, 2.0, dict(SMALL, SPLIT_K=1))
-        _check_decay(got, masks, labels, order, area, kernel, 2.0)
+        for bs in (dict(SMALL, SPLIT_K=1), FUSED):
+            got = _decay(masks, labels, order, area, kernel, 2.0, bs)
+            _check_decay(got, masks, labels, order, area, kernel, 2.0)
+
+
+def test_fused_negative_linear_decays():
+    """mask_area below the pixel counts makes IoUs > 1, so linear decays go negative: the large-n path's
+    order keys must keep the order of negative floats too (and a 1-element ratio's sign)."""
+    masks, labels, order, _ = sample(Case(33, 2, 11, 13))
+    area = masks.sum((1, 2)).double() * 0.4
+    stored = _decay(masks, labels, order, area, "linear", 2.0, SMALL)
+    assert (stored < 0).any()
+    got = _decay(masks, labels, order, area, "linear", 2.0, FUSED)
+    _check_decay(got, masks, labels, order, area, "linear", 2.0)
+    assert torch.equal(got, stored)
 
 
 def test_empty_inputs():
@@ -144,8 +160,9 @@ def test_empty_inputs():
     masks, labels, _, _ = sample(CASES[2])
     out = _decay(masks, labels, empty, None, "linear", 2.0)  # n = 0 of n0 = 7
     assert out.shape == (0,) and out.dtype == torch.float64
-    out = _decay(torch.zeros(3, 0, 4, dtype=torch.bool), labels[:3], torch.arange(3), None, "gaussian", 2.0)
-    assert torch.equal(out, torch.ones(3, dtype=torch.float64))  # H*W = 0: empty unions, no decay
+    for bs in (None, FUSED):  # H*W = 0: empty unions, no decay
+        out = _decay(torch.zeros(3, 0, 4, dtype=torch.bool), labels[:3], torch.arange(3), None, "gaussian", 2.0, bs)
+        assert torch.equal(out, torch.ones(3, dtype=torch.float64))
 
 
 def test_strided_and_uint8_masks():
@@ -162,14 +179,14 @@ def test_strided_and_uint8_masks():
     transposed = masks.transpose(1, 2).contiguous().transpose(1, 2)
     u8 = masks.to(torch.uint8) * torch.randint(1, 256, masks.shape, dtype=torch.uint8)
     for m in (every_other[::2], wide[..., ::2], transposed, u8, u8.transpose(1, 2).contiguous().transpose(1, 2)):
-        assert torch.equal(_decay(m, labels, order, None, "gaussian", 2.0, SMALL), want)
-        assert torch.equal(_decay(m, labels, order, None, "gaussian", 2.0), want)
+        for bs in BLOCKS.values():
+            assert torch.equal(_decay(m, labels, order, None, "gaussian", 2.0, bs), want)
 
 
-@pytest.mark.parametrize("blocks", ["default", "small"])
+@pytest.mark.parametrize("blocks", BLOCKS)
 def test_deterministic(blocks):
     masks, labels, order, area = sample(CASES[8])
-    bs = SMALL if blocks == "small" else None
+    bs = BLOCKS[blocks]
     runs = [_decay(masks, labels, order, area, "gaussian", 0.5, bs) for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
 

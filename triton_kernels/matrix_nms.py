@@ -13,18 +13,18 @@ pixels set in both masks; area is the pixel count, or mask_area[order[j]] when g
 Only same-label pairs interact, so the positions are first grouped by label (a stable sort of
 labels[order] with torch ops: score order is kept inside a group; ``start[p]`` is the first
 grouped position of p's label). Same-label pairs then lie in diagonal blocks of the n x n pair
-matrix, and a tile of pairs with none of them is skipped. Three kernels, no atomics on floats:
+matrix, and a tile of pairs with none of them is skipped. No atomics on floats anywhere.
 
-* ``_matrix_nms_inter_kernel``: a program per (BLOCK_P x BLOCK_Q tile of grouped positions, K
+* ``_matrix_nms_tile_kernel``: a program per (BLOCK_P x BLOCK_Q tile of grouped positions, K
   split) computes the exact intersections inter[p, q] = sum_k m_p[k] m_q[k] of the tile with
   ``tl.dot`` of 0/1 int8 tiles read straight from the masks (bool viewed as uint8; uint8 counts
   where != 0) and int32 accumulation: exact, and on tensor cores on a GPU. No float (or any) copy
-  of the masks is made. Only the pairs start[q] <= p <= q are written (the diagonal p == q is the
-  area); tiles with no such pair (below the diagonal, or across labels) do no work. With more than
-  one K split (few tiles, large H*W: fill the GPU) the splits add their partial counts with int32
-  ``atomic_add`` into a zeroed buffer: integer sums, so the result is still exact and deterministic.
+  of the masks is made. Tiles with no pair of their MODE (below the diagonal, or across labels) do
+  no work. MODE 0 writes the pairs start[q] <= p <= q into an n x n int32 buffer (the diagonal
+  p == q is the area); with more than one K split (few tiles, large H*W: fill the GPU) the splits
+  add their partial counts with int32 ``atomic_add`` into a zeroed buffer: still exact.
 * ``_matrix_nms_comp_kernel``: a program per BLOCK_Q columns q walks the rows p in
-  [start[q], q) and writes f(comp_q) in float64.
+  [start[q], q) of that buffer and writes f(comp_q) in float64.
 * ``_matrix_nms_decay_kernel``: the same walk; decay_q = min(1, min_p f(iou_pq) / f(comp_p)),
   stored at the position perm[q] of the output (back to order's positions).
 
@@ -32,11 +32,15 @@ IoUs and the decay are float64 throughout, with the CPU kernel's operation order
 ((area_p + area_q) - inter, then inter / union; (-sigma * x) * x), so every backend takes the same
 decisions. sigma is passed as a one-element float64 tensor (a Python float argument would be fp32).
 
-Memory: the intersections of the pair tiles are kept in an n x n int32 buffer (4 n^2 bytes: 1 MB
-for SOLOv2's nms_pre = 500, 64 MB for n = 4000, e.g. a batch of 8 images as one call), read back by
-the two column passes. Keeping it, instead of recomputing the intersections in each pass, halves
-the O(n^2 H W) work, and the column passes then need no atomics: each output has one owner, so
-the result is bit-identical between runs.
+Memory: the n x n int32 buffer takes 4 n^2 bytes (1 MB for SOLOv2's nms_pre = 500, 64 MB at
+n = 4096, e.g. a batch of 8 images as one call). Keeping it, instead of recomputing the
+intersections in each pass, halves the O(n^2 H W) work, and the column passes need no atomics.
+Above n = 4096 the large-n path keeps O(n) memory instead: ``_matrix_nms_area_kernel`` counts the
+areas (unless given), then the tile kernel runs twice without storing a tile, MODE 1 reducing each
+tile's columns to max IoU and ``atomic_max`` of the bits into comp[q] (IoU >= 0: the bits order as
+the values), MODE 2 to the min ratio and ``atomic_min`` into an int64 order key of decay[q]
+(negative decays, from a mask_area below the pixel counts, included). Integer atomics on exact
+values: either path is bit-identical between runs and to the other.
 
 Works on CUDA tensors and, under ``TRITON_INTERPRET=1``, on CPU tensors.
 """
@@ -54,20 +58,27 @@ from fastseg.triton_kernels._common import interpreting
 __all__ = ["matrix_nms_decay"]
 
 _KERNELS = ("gaussian", "linear")
+_FUSED_MIN_N = 4096  # above: no n x n buffer (64 MB at 4096), the intersections are computed twice
+_ONE_KEY = 0x3FF0000000000000  # the bits of 1.0 (the order key of a positive float64 is its bits)
 
 # ---- kernels ---------------------------------------------------------------------------------
 
 
 @triton.jit
-def _matrix_nms_inter_kernel(
+def _matrix_nms_tile_kernel(
     masks_ptr,  # [n0, HW] uint8 (bool viewed as uint8), strides (s_m, s_k) in elements, any
     idx_ptr,  # [n] int64 contiguous: mask index order[perm[p]] of grouped position p
     start_ptr,  # [n] int64 contiguous: first grouped position of p's label (nondecreasing)
-    inter_ptr,  # [n, n] int32 contiguous, strides (n, 1): inter[p, q] written for start[q] <= p <= q
+    area_ptr,  # MODE 1, 2: [n] float64 contiguous areas of the grouped positions
+    comp_ptr,  # MODE 2: [n] int64 contiguous, the bits of comp_p (MODE 1's result)
+    sigma_ptr,  # MODE 2: [1] float64
+    out_ptr,  # MODE 0: [n, n] int32 inter[p, q] (start[q] <= p <= q); 1: [n] comp bits; 2: [n] decay keys
     n, HW, s_m, s_k,
+    MODE: tl.constexpr,  # 0: store the intersections; 1: comp (atomic max); 2: decay (atomic min)
+    KERNEL: tl.constexpr,  # MODE 2: 0 gaussian, 1 linear (0 otherwise: one compiled variant)
     BINARY: tl.constexpr,  # the mask bytes are 0 / 1 (bool): no normalisation
-    ATOMIC: tl.constexpr,  # several K splits: atomic_add into a zeroed buffer
-    SPLIT_K: tl.constexpr,  # programs along axis 2, each taking every SPLIT_K-th K block
+    ATOMIC: tl.constexpr,  # MODE 0, several K splits: atomic_add into a zeroed buffer
+    SPLIT_K: tl.constexpr,  # programs along axis 2, each taking every SPLIT_K-th K block (1 unless MODE 0)
     BLOCK_P: tl.constexpr,  # rows p per tile
     BLOCK_Q: tl.constexpr,  # columns q per tile
     BLOCK_K: tl.constexpr,  # pixels per step
@@ -80,9 +91,12 @@ def _matrix_nms_inter_kernel(
     mask_p = offs_p < n
     mask_q = offs_q < n
     start_q = tl.load(start_ptr + offs_q, mask=mask_q, other=0)
-    # The pairs this tile owns: p of q's label, p <= q (the diagonal holds the areas).
-    pair = (offs_p[:, None] >= start_q[None, :]) & (offs_p[:, None] <= offs_q[None, :]) \
-        & mask_p[:, None] & mask_q[None, :]
+    # The pairs this tile owns: p of q's label, p <= q (MODE 0: the diagonal holds the areas) or p < q.
+    if MODE == 0:
+        upper = offs_p[:, None] <= offs_q[None, :]
+    else:
+        upper = offs_p[:, None] < offs_q[None, :]
+    pair = (offs_p[:, None] >= start_q[None, :]) & upper & mask_p[:, None] & mask_q[None, :]
     if tl.max(pair.to(tl.int32)) > 0:
         rows_p = tl.load(idx_ptr + offs_p, mask=mask_p, other=0)  # int64: rows may be far apart
         rows_q = tl.load(idx_ptr + offs_q, mask=mask_q, other=0)
@@ -101,11 +115,46 @@ def _matrix_nms_inter_kernel(
                 a = (a != 0).to(tl.int8)
                 b = (b != 0).to(tl.int8)
             acc = tl.dot(a, tl.trans(b), acc)  # exact 0/1 products, int32 sums
-        ptrs = inter_ptr + offs_p[:, None].to(tl.int64) * n + offs_q[None, :]
-        if ATOMIC:
-            tl.atomic_add(ptrs, acc, mask=pair)
+        if MODE == 0:
+            ptrs = out_ptr + offs_p[:, None].to(tl.int64) * n + offs_q[None, :]
+            if ATOMIC:
+                tl.atomic_add(ptrs, acc, mask=pair)
+            else:
+                tl.store(ptrs, acc, mask=pair)
         else:
-            tl.store(ptrs, acc, mask=pair)
+            area_p = tl.load(area_ptr + offs_p, mask=mask_p, other=0.0)
+            area_q = tl.load(area_ptr + offs_q, mask=mask_q, other=0.0)
+            iou = _iou(acc.to(tl.float64), area_p, area_q)
+            # Integer atomics on order-preserving keys: exact, so the result is the same in any order.
+            if MODE == 1:  # iou >= 0: its bits order as it does
+                col = tl.max(tl.where(pair, iou, 0.0), axis=0)
+                tl.atomic_max(out_ptr + offs_q, col.to(tl.int64, bitcast=True), mask=mask_q)
+            else:
+                sigma = tl.load(sigma_ptr)
+                comp = tl.load(comp_ptr + offs_p, mask=mask_p, other=0).to(tl.float64, bitcast=True)
+                col = tl.min(tl.where(pair, _ratio(iou, _decay_f(comp, sigma, KERNEL)[:, None], sigma, KERNEL), 1.0),
+                             axis=0)
+                tl.atomic_min(out_ptr + offs_q, _order_key(col), mask=mask_q)
+
+
+@triton.jit
+def _matrix_nms_area_kernel(
+    masks_ptr,  # [n0, HW] uint8, strides (s_m, s_k), as the tile kernel's
+    idx_ptr,  # [n] int64 contiguous: mask index of grouped position p
+    area_ptr,  # [n] float64 contiguous: pixel count of each grouped position
+    n, HW, s_m, s_k,
+    BLOCK_P: tl.constexpr,  # rows per program
+    BLOCK_K: tl.constexpr,  # pixels per step
+):
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < n
+    base = masks_ptr + tl.load(idx_ptr + offs_p, mask=mask_p, other=0)[:, None] * s_m
+    count = tl.zeros((BLOCK_P,), dtype=tl.int32)
+    for k0 in range(0, HW, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(base + offs_k[None, :] * s_k, mask=mask_p[:, None] & (offs_k[None, :] < HW), other=0)
+        count += tl.sum((a != 0).to(tl.int32), axis=1)
+    tl.store(area_ptr + offs_p, count.to(tl.float64), mask=mask_p)
 
 
 @triton.jit
@@ -115,6 +164,26 @@ def _decay_f(x, sigma, KERNEL: tl.constexpr):
         return tl.exp(-sigma * x * x)
     else:
         return 1.0 - x
+
+
+@triton.jit
+def _iou(inter, area_p, area_q):
+    """float64 IoU of a tile from its intersections [P, Q] and areas [P], [Q]; 0 where the union is empty."""
+    union = area_p[:, None] + area_q[None, :] - inter
+    return tl.where(union > 0.0, inter / tl.where(union > 0.0, union, 1.0), 0.0)
+
+
+@triton.jit
+def _ratio(iou, fcomp_p, sigma, KERNEL: tl.constexpr):
+    """f(iou_pq) / f(comp_p); 1 (no decay) where f(comp_p) == 0."""
+    return tl.where(fcomp_p > 0.0, _decay_f(iou, sigma, KERNEL) / tl.where(fcomp_p > 0.0, fcomp_p, 1.0), 1.0)
+
+
+@triton.jit
+def _order_key(x):
+    """int64 key of float64 x that orders as x does: the bits, with a negative x's magnitude bits flipped."""
+    b = x.to(tl.int64, bitcast=True)
+    return b ^ ((b >> 63) & 0x7FFFFFFFFFFFFFFF)
 
 
 @triton.jit
@@ -135,9 +204,7 @@ def _iou_tile(inter_ptr, area_ptr, start_q, offs_q, area_q, p0, n,
     inter = tl.load(inter_ptr + offs_p[:, None].to(tl.int64) * n + offs_q[None, :], mask=pair, other=0)
     inter = inter.to(tl.float64)
     area_p = _area(inter_ptr, area_ptr, offs_p, offs_p < n, n, HAS_AREA)
-    union = area_p[:, None] + area_q[None, :] - inter
-    iou = tl.where(union > 0.0, inter / tl.where(union > 0.0, union, 1.0), 0.0)
-    return iou, pair, offs_p
+    return _iou(inter, area_p, area_q), pair, offs_p
 
 
 @triton.jit
@@ -193,8 +260,7 @@ def _matrix_nms_decay_kernel(
     for p0 in range(tl.load(start_ptr + q0), q_last, BLOCK_P):
         iou, pair, offs_p = _iou_tile(inter_ptr, area_ptr, start_q, offs_q, area_q, p0, n, HAS_AREA, BLOCK_P)
         den = tl.load(fcomp_ptr + offs_p, mask=offs_p < n, other=1.0)[:, None]
-        ratio = tl.where(den > 0.0, _decay_f(iou, sigma, KERNEL) / tl.where(den > 0.0, den, 1.0), 1.0)
-        decay = tl.minimum(decay, tl.min(tl.where(pair, ratio, 1.0), axis=0))
+        decay = tl.minimum(decay, tl.min(tl.where(pair, _ratio(iou, den, sigma, KERNEL), 1.0), axis=0))
     dest = tl.load(perm_ptr + offs_q, mask=mask_q, other=0)
     tl.store(out_ptr + dest, decay, mask=mask_q)
 
@@ -217,7 +283,8 @@ def _blocks(n: int, hw: int, device: torch.device, aligned: bool) -> dict[str, i
 
     Compiled ahead of time for sm_90a (Triton 3.8, ptxas -v, no GPU run): wgmma s8 for the tiles; no
     register spills (aligned: 138 registers for bool, 184 for uint8 masks, 48 KiB shared memory;
-    unaligned: 210 registers); column passes 168 registers, IEEE div.rn.f64."""
+    unaligned: 210 registers); column passes 168 registers, IEEE div.rn.f64; large-n tile passes
+    160-253 registers, no spills (bench/triton_sm90_compile.py)."""
     block = 64
     block_k, warps = (128, 4) if aligned else (64, 8)
     tiles = triton.cdiv(n, block)
@@ -247,24 +314,39 @@ def _launch_matrix_nms_decay(masks: Tensor, labels: Tensor, order: Tensor, mask_
     # Allocations are >= 16-byte aligned; storage_offset (not data_ptr) also works on fake tensors.
     aligned = flat.stride(1) == 1 and flat.stride(0) % 16 == 0 and flat.storage_offset() % 16 == 0
     bs = blocks or _blocks(n, hw, dev, aligned)
+    fused = bs.get("FUSED", n > _FUSED_MIN_N)
     tiles = triton.cdiv(n, bs["BLOCK"])
-    split = bs["SPLIT_K"]
-    inter = (torch.zeros if split > 1 else torch.empty)((n, n), device=dev, dtype=torch.int32)
-    _kernel(_matrix_nms_inter_kernel)[(tiles, tiles, split)](
-        flat, idx, start, inter,
-        n, hw, flat.stride(0), flat.stride(1),
-        BINARY=masks.dtype == torch.bool, ATOMIC=split > 1, SPLIT_K=split,
-        BLOCK_P=bs["BLOCK"], BLOCK_Q=bs["BLOCK"], BLOCK_K=bs["BLOCK_K"],
-        num_warps=bs["WARPS"], num_stages=bs["STAGES"],
-    )
+    split = 1 if fused else bs["SPLIT_K"]
     has_area = mask_area is not None
-    # Without given areas the kernels read the diagonal of inter; a 1-element stand-in keeps the signature
-    # (not an alias of another argument: wrap_triton's functionalisation would see a written input twice).
-    area = mask_area.index_select(0, idx).to(torch.float64).contiguous() if has_area \
-        else torch.empty((1,), device=dev, dtype=torch.float64)
-    sig = torch.full((1,), float(sigma), device=dev, dtype=torch.float64)
-    fcomp = torch.empty((n,), device=dev, dtype=torch.float64)
     k = _KERNELS.index(kernel)
+    # 1-element stand-ins keep the signatures for arguments a launch does not read (never an alias of
+    # another argument: wrap_triton's functionalisation would see a written input twice).
+    area = mask_area.index_select(0, idx).to(torch.float64).contiguous() if has_area \
+        else torch.empty((n if fused else 1,), device=dev, dtype=torch.float64)
+    sig = torch.full((1,), float(sigma), device=dev, dtype=torch.float64)
+    masks_args = (flat, idx, start)
+    dims = (n, hw, flat.stride(0), flat.stride(1))
+    tile = dict(BINARY=masks.dtype == torch.bool, ATOMIC=split > 1, SPLIT_K=split, BLOCK_P=bs["BLOCK"],
+                BLOCK_Q=bs["BLOCK"], BLOCK_K=bs["BLOCK_K"], num_warps=bs["WARPS"], num_stages=bs["STAGES"])
+    if fused:
+        # O(n) memory: comp, then the decay, straight from the intersection tiles (computed twice).
+        if not has_area:
+            _kernel(_matrix_nms_area_kernel)[(triton.cdiv(n, bs["COL_P"]),)](
+                flat, idx, area, *dims, BLOCK_P=bs["COL_P"], BLOCK_K=bs["BLOCK_K"], num_warps=4)
+        comp = torch.zeros((n,), device=dev, dtype=torch.int64)  # the bits of 0.0
+        keys = torch.full((n,), _ONE_KEY, device=dev, dtype=torch.int64)  # no decay: 1.0
+        unused = torch.empty((1,), device=dev, dtype=torch.int64)
+        grid = (tiles, tiles, 1)
+        _kernel(_matrix_nms_tile_kernel)[grid](*masks_args, area, unused, sig, comp, *dims, MODE=1, KERNEL=0, **tile)
+        _kernel(_matrix_nms_tile_kernel)[grid](*masks_args, area, comp, sig, keys, *dims, MODE=2, KERNEL=k, **tile)
+        bits = keys ^ ((keys >> 63) & 0x7FFFFFFFFFFFFFFF)  # _order_key is its own inverse
+        return out.index_copy_(0, perm, bits.view(torch.float64))
+    inter = (torch.zeros if split > 1 else torch.empty)((n, n), device=dev, dtype=torch.int32)
+    stand_in = torch.empty((1,), device=dev, dtype=torch.int64)
+    _kernel(_matrix_nms_tile_kernel)[(tiles, tiles, split)](*masks_args, area, stand_in, sig, inter, *dims, MODE=0,
+                                                             KERNEL=0, **tile)
+    # Without given areas the column passes read the diagonal of inter.
+    fcomp = torch.empty((n,), device=dev, dtype=torch.float64)
     grid = (triton.cdiv(n, bs["COL_Q"]),)
     cols = dict(HAS_AREA=has_area, KERNEL=k, BLOCK_P=bs["COL_P"], BLOCK_Q=bs["COL_Q"], num_warps=4)
     _kernel(_matrix_nms_comp_kernel)[grid](inter, area, start, sig, fcomp, n, **cols)
