@@ -36,13 +36,15 @@ def _check_rois(rois: Tensor | list[Tensor], like: Tensor, batch_size: int | Non
     # Value checks read the data: skipped while torch.compile traces (the C++ CPU ops repeat them).
     if not len(rois) or torch.compiler.is_compiling():
         return rois.to(like.dtype)
-    if not bool(torch.isfinite(rois).all()):
-        raise ValueError("rois must be finite, got NaN or inf coordinates")
+    bad = ~torch.isfinite(rois).all(1)
     if batch_size is not None:
         idx = rois[:, 0]
-        if bool(((idx < 0) | (idx >= batch_size) | (idx != idx.round())).any()):
-            raise ValueError(f"rois batch indices must be integers in [0, {batch_size}), got "
-                             f"{idx.min().item()}..{idx.max().item()}")
+        bad |= (idx < 0) | (idx >= batch_size) | (idx != idx.round())
+    if bool(bad.any()):  # the only read of the data (a synchronisation on a GPU); diagnose after
+        if not bool(torch.isfinite(rois).all()):
+            raise ValueError("rois must be finite, got NaN or inf coordinates")
+        raise ValueError(f"rois batch indices must be integers in [0, {batch_size}), got "
+                         f"{idx.min().item()}..{idx.max().item()}")
     return rois.to(like.dtype)
 
 
