@@ -3,15 +3,23 @@
 // Same algorithm and semantics as the CPU kernel (ops/cpu/dense_crf_kernel.cpp): per image, one
 // permutohedral lattice (ops/common/permutohedral.h) for the Gaussian on (x, y) / pos_sxy (D = 2)
 // and one for the bilateral on ((x, y) / bi_sxy, rgb / bi_srgb) (D = 5), built once and reused by
-// every iteration and every label. Images are processed one after another on the current stream.
+// every iteration and every label.
+//
+// Images are processed in chunks of whole images (a host loop; usually a single chunk, see
+// kChunkPixels): a chunk's pixels are concatenated (P = N H W) and every kernel below runs over
+// all of them at once. A lattice key carries the image index after its D coordinates, so images
+// never share a vertex and neighbours stay within their image: each image gets exactly its own
+// lattice. Host syncs per call: one for the input check, plus one per lattice and chunk (the
+// vertex count), so 3 for a single chunk.
 //
 // Lattice construction, per entry i = p (D+1) + r (vertex r of pixel p's simplex):
-//  1. simplex_kernel: features, simplex, weights and the D-int key of every entry.
+//  1. simplex_kernel: features, simplex, weights and the (D+1)-int key of every entry.
 //  2. insert_kernel: the keys go into an open-addressing table (linear probing, load <= 1/2).
 //     A slot holds an entry index: atomicCAS claims an empty slot, keys are compared through the
 //     entry's precomputed key, and atomicMin leaves the *smallest* entry of each key in its slot.
 //  3. Vertices are the keys' smallest entries, numbered by a scan over "i is the smallest entry of
-//     its key": order of first appearance, exactly the CPU's numbering, whatever the hash races.
+//     its key": order of first appearance, whatever the hash races. Images are concatenated in
+//     order, so within each image this is the CPU's numbering (shifted by the earlier images').
 //  4. neighbour_kernel: v - e_j and v + e_j looked up per vertex and direction (-1: absent).
 //  5. CSR by vertex for the splat: a stable sort of the entries by vertex, so that each vertex
 //     sums its pixels in pixel order (the CPU's order). The splat is then a gather per vertex:
@@ -58,6 +66,13 @@ constexpr int64_t kMaxBlocks = 65535;  // grid-stride kernels need no more to fi
 constexpr int kEmpty = std::numeric_limits<int32_t>::max();  // empty hash slot (> every entry)
 // Largest feature magnitude for which every lattice coordinate fits in an int32 (as on the CPU).
 constexpr double kMaxFeature = 1.0e6;
+// Most pixels per chunk: the bilateral lattice's table, 2 P (D+1) = 12 P slots rounded up to a
+// power of two, must stay <= 2^31 slots, so that slots and entries fit an int.
+constexpr int64_t kMaxPixels = std::numeric_limits<int32_t>::max() / 12;
+// Pixels per chunk when it holds several images: plenty to fill a GPU, and it bounds the
+// lattices' memory (~0.6 KB per pixel while one is built) independently of the batch size.
+constexpr int64_t kChunkPixels = int64_t(1) << 22;
+static_assert(kChunkPixels <= kMaxPixels);
 
 struct Params {
   int64_t iterations;
@@ -79,26 +94,30 @@ struct Scale {
   float v[D];
 };
 
-// keys [P K, D], w [P K]: the simplex vertices' keys and barycentric weights of every pixel.
-// Features as on the CPU: (x, y) / sxy, then (for D = 5) rgb / srgb; image [3, P].
+// keys [P K, D + 1], w [P K]: the simplex vertices' keys and barycentric weights of the P pixels
+// of a batch of images of HW pixels each. A key is the vertex's D coordinates, then the image.
+// Features as on the CPU: (x, y) / sxy, then (for D = 5) rgb / srgb; image [N, 3, HW].
 template <int D>
-__global__ void simplex_kernel(const float* __restrict__ image, int64_t P, int64_t W, float sxy,
-                               float srgb, Scale<D> scale, int* __restrict__ keys,
+__global__ void simplex_kernel(const float* __restrict__ image, int64_t P, int64_t HW, int64_t W,
+                               float sxy, float srgb, Scale<D> scale, int* __restrict__ keys,
                                float* __restrict__ w) {
   constexpr int K = D + 1;
   FASTSEG_GRID_STRIDE(p, P) {
+    const int64_t b = p / HW, i = p - b * HW;  // image, pixel in the image
     float f[D];
-    f[0] = static_cast<float>(p % W) / sxy;
-    f[1] = static_cast<float>(p / W) / sxy;
+    f[0] = static_cast<float>(i % W) / sxy;
+    f[1] = static_cast<float>(i / W) / sxy;
     if constexpr (D == 5) {
 #pragma unroll
-      for (int k = 0; k < 3; ++k) f[2 + k] = image[k * P + p] / srgb;
+      for (int k = 0; k < 3; ++k) f[2 + k] = image[(b * 3 + k) * HW + i] / srgb;
     }
     common::LatticeSimplex<D> s;
     common::lattice_simplex<D>(f, scale.v, s);
 #pragma unroll
     for (int r = 0; r < K; ++r) {
-      common::lattice_vertex_key<D>(s, r, keys + (p * K + r) * D);
+      int* key = keys + (p * K + r) * (D + 1);
+      common::lattice_vertex_key<D>(s, r, key);
+      key[D] = static_cast<int>(b);
       w[p * K + r] = s.weight[r];
     }
   }
@@ -111,12 +130,12 @@ template <int D>
 __global__ void insert_kernel(const int* __restrict__ keys, int64_t n, int* table, uint32_t mask,
                               int* __restrict__ slot) {
   FASTSEG_GRID_STRIDE(i, n) {
-    const int* key = keys + i * D;
-    uint32_t s = common::lattice_hash<D>(key) & mask;
+    const int* key = keys + i * (D + 1);
+    uint32_t s = common::lattice_hash<D + 1>(key) & mask;
     while (true) {
       const int old = atomicCAS(table + s, kEmpty, static_cast<int>(i));
       if (old == kEmpty) break;
-      if (common::lattice_key_equal<D>(keys + int64_t(old) * D, key)) {
+      if (common::lattice_key_equal<D + 1>(keys + int64_t(old) * (D + 1), key)) {
         atomicMin(table + s, static_cast<int>(i));
         break;
       }
@@ -144,33 +163,35 @@ __global__ void vertex_kernel(const int* __restrict__ table, const int* __restri
   }
 }
 
-// The vertex with this key, or -1.
+// The vertex with this key (D coordinates, image), or -1.
 template <int D>
 __device__ int find_vertex(const int* __restrict__ table, uint32_t mask,
                            const int* __restrict__ keys, const int* __restrict__ csum,
                            const int* key) {
-  for (uint32_t s = common::lattice_hash<D>(key) & mask;; s = (s + 1) & mask) {
+  for (uint32_t s = common::lattice_hash<D + 1>(key) & mask;; s = (s + 1) & mask) {
     const int e = table[s];
     if (e == kEmpty) return -1;
-    if (common::lattice_key_equal<D>(keys + int64_t(e) * D, key)) return csum[e] - 1;
+    if (common::lattice_key_equal<D + 1>(keys + int64_t(e) * (D + 1), key)) return csum[e] - 1;
   }
 }
 
-// nbr[(2 j + 0) M + v] = v - e_j, nbr[(2 j + 1) M + v] = v + e_j (-1: not in the lattice).
+// nbr[(2 j + 0) M + v] = v - e_j, nbr[(2 j + 1) M + v] = v + e_j (-1: not in v's image's
+// lattice).
 template <int D>
 __global__ void neighbour_kernel(const int* __restrict__ table, uint32_t mask,
                                  const int* __restrict__ keys, const int* __restrict__ csum,
                                  const int* __restrict__ rep, int64_t M, int* __restrict__ nbr) {
   FASTSEG_GRID_STRIDE(v, M) {
-    int key[D];
+    int key[D + 1];
 #pragma unroll
-    for (int i = 0; i < D; ++i) key[i] = keys[int64_t(rep[v]) * D + i];
+    for (int i = 0; i <= D; ++i) key[i] = keys[int64_t(rep[v]) * (D + 1) + i];
 #pragma unroll
     for (int j = 0; j <= D; ++j)
 #pragma unroll
       for (int side = 0; side < 2; ++side) {
-        int nk[D];
+        int nk[D + 1];
         common::lattice_neighbour_key<D>(key, j, side == 0 ? -1 : 1, nk);
+        nk[D] = key[D];
         nbr[(2 * j + side) * M + v] = find_vertex<D>(table, mask, keys, csum, nk);
       }
   }
@@ -352,28 +373,29 @@ struct Lattice {
   }
 };
 
-// The normalised lattice of one image's kernel; image [3, P] (read for D = 5 only).
+// The normalised lattices of N images' kernel, side by side (vertices numbered image after
+// image); image [N, 3, H W] (read for D = 5 only).
 template <int D>
-Lattice build_lattice(const float* image, int64_t H, int64_t W, float sxy, float srgb,
+Lattice build_lattice(const float* image, int64_t N, int64_t H, int64_t W, float sxy, float srgb,
                       float compat, int64_t C, const at::TensorOptions& fopts,
                       cudaStream_t stream) {
   constexpr int K = D + 1;
-  const int64_t P = H * W, n = P * K;
+  const int64_t P = N * H * W, n = P * K;
   const auto iopts = fopts.dtype(at::kInt);
   Lattice L;
   L.K = K;
 
   Scale<D> scale;
   for (int i = 0; i < D; ++i) scale.v[i] = common::lattice_axis_scale(D, i);
-  auto keys = at::empty({n * D}, iopts);
+  auto keys = at::empty({n * (D + 1)}, iopts);
   L.slice_w = at::empty({n}, fopts);
   simplex_kernel<D><<<blocks_for(P), kThreads, 0, stream>>>(
-      image, P, W, sxy, srgb, scale, keys.mutable_data_ptr<int>(),
+      image, P, H * W, W, sxy, srgb, scale, keys.mutable_data_ptr<int>(),
       L.slice_w.mutable_data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   int64_t capacity = 1024;
-  while (capacity < 2 * n) capacity *= 2;  // <= 2^31 (checked): slots fit an int
+  while (capacity < 2 * n) capacity *= 2;  // <= 2^31 (a chunk <= kMaxPixels): slots fit an int
   const auto mask = static_cast<uint32_t>(capacity - 1);
   auto table = at::full({capacity}, kEmpty, iopts);
   auto slot = at::empty({n}, iopts);
@@ -430,18 +452,20 @@ Lattice build_lattice(const float* image, int64_t H, int64_t W, float sxy, float
   return L;
 }
 
-// Mean field on one image; rows are [P, C].
-class CrfImage {
+// Mean field on N images at once; rows are [N H W, C].
+class CrfBatch {
  public:
-  // image [3, P]; the lattices are only built when there is a message to pass.
-  CrfImage(const float* image, int64_t H, int64_t W, int64_t C, const Params& prm,
+  // image [N, 3, H W]; the lattices are only built when there is a message to pass.
+  CrfBatch(const float* image, int64_t N, int64_t H, int64_t W, int64_t C, const Params& prm,
            const at::TensorOptions& fopts, cudaStream_t stream)
-      : P_(H * W), C_(C), stream_(stream) {
+      : P_(N * H * W), C_(C), stream_(stream) {
     G_ = 1;
     while (G_ < C && G_ < 32) G_ *= 2;
     if (prm.iterations == 0) return;
-    pos_ = build_lattice<2>(nullptr, H, W, prm.pos_sxy, 1.f, prm.pos_compat, C, fopts, stream);
-    bi_ = build_lattice<5>(image, H, W, prm.bi_sxy, prm.bi_srgb, prm.bi_compat, C, fopts, stream);
+    pos_ = build_lattice<2>(nullptr, N, H, W, prm.pos_sxy, 1.f, prm.pos_compat, C, fopts,
+                            stream);
+    bi_ = build_lattice<5>(image, N, H, W, prm.bi_sxy, prm.bi_srgb, prm.bi_compat, C, fopts,
+                           stream);
   }
 
   // Q_0 = softmax(-U), Q_t = softmax(-U + M Q_{t-1}); Q(t) is Q_t's buffer (may repeat).
@@ -505,9 +529,9 @@ void check_cuda_inputs(const at::Tensor& unary, const at::Tensor& image, const P
                        const char* op) {
   TORCH_CHECK(unary.is_cuda(), "unary must be a CUDA tensor for the cuda kernel of ", op,
               ", got ", unary.device());
-  const int64_t H = unary.size(2), W = unary.size(3), P = H * W;
-  // 2 P (D+1) hash slots (D = 5) must fit an int.
-  TORCH_CHECK(P * 12 <= std::numeric_limits<int32_t>::max(), "image of ", H, " x ", W,
+  const int64_t H = unary.size(2), W = unary.size(3);
+  // Batches are cut into chunks of whole images; one image must fit a chunk.
+  TORCH_CHECK(H * W <= kMaxPixels, "image of ", H, " x ", W,
               " pixels is too large for the cuda kernel of ", op);
   if (image.numel() == 0) return;
   const double peak = image.abs().max().item<double>();  // NaN if any value is NaN
@@ -521,11 +545,14 @@ void check_cuda_inputs(const at::Tensor& unary, const at::Tensor& image, const P
               prm.pos_sxy, ", bi_sxy = ", prm.bi_sxy);
 }
 
-// [C, H, W] planes -> [P, C] rows (a fresh buffer).
+// [N, C, H, W] planes -> [N H W, C] rows (a fresh buffer).
 at::Tensor to_rows(const at::Tensor& planes) {
-  const int64_t C = planes.size(0);
-  return planes.reshape({C, -1}).t().clone(at::MemoryFormat::Contiguous);
+  const int64_t C = planes.size(1);
+  return planes.permute({0, 2, 3, 1}).clone(at::MemoryFormat::Contiguous).view({-1, C});
 }
+
+// Images per chunk: up to kChunkPixels pixels, or a single image (<= kMaxPixels, checked).
+int64_t chunk_images(int64_t N, int64_t P) { return std::clamp<int64_t>(kChunkPixels / P, 1, N); }
 
 at::Tensor dense_crf_cuda(const at::Tensor& unary, const at::Tensor& image, int64_t iterations,
                           double pos_sxy, double pos_compat, double bi_sxy, double bi_srgb,
@@ -538,21 +565,23 @@ at::Tensor dense_crf_cuda(const at::Tensor& unary, const at::Tensor& image, int6
   auto q = at::empty(unary.sizes(), unary.options());
   if (q.numel() == 0) return q;
   const int64_t N = unary.size(0), C = unary.size(1), H = unary.size(2), W = unary.size(3);
-  const int64_t P = H * W;
+  const int64_t P = H * W, chunk = chunk_images(N, P);
   const auto img = image.contiguous();
   const auto fopts = unary.options();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  for (int64_t n = 0; n < N; ++n) {
-    const auto u = to_rows(unary[n]);
-    auto a = at::empty({P, C}, fopts);
-    auto b = iterations > 0 ? at::empty({P, C}, fopts) : a;
-    CrfImage crf(img.const_data_ptr<float>() + n * 3 * P, H, W, C, prm, fopts, stream);
+  const auto u = to_rows(unary);
+  auto a = at::empty({N * P, C}, fopts);  // Q_T of every image
+  auto b = iterations > 0 ? at::empty({chunk * P, C}, fopts) : a;  // one chunk's other half
+  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+    const int64_t nc = std::min(chunk, N - n0);
+    CrfBatch crf(img.const_data_ptr<float>() + n0 * 3 * P, nc, H, W, C, prm, fopts, stream);
+    float* qa = a.mutable_data_ptr<float>() + n0 * P * C;
+    float* qb = b.mutable_data_ptr<float>();
     // Ping-pong so that Q_T lands in a.
-    crf.forward(u.const_data_ptr<float>(), iterations, [&](int64_t t) {
-      return (iterations - t) % 2 == 0 ? a.mutable_data_ptr<float>() : b.mutable_data_ptr<float>();
-    });
-    q[n].view({C, P}).copy_(a.t());
+    crf.forward(u.const_data_ptr<float>() + n0 * P * C, iterations,
+                [&](int64_t t) { return (iterations - t) % 2 == 0 ? qa : qb; });
   }
+  q.copy_(a.view({N, H, W, C}).permute({0, 3, 1, 2}));
   return q;
 }
 
@@ -568,22 +597,24 @@ at::Tensor dense_crf_backward_cuda(const at::Tensor& grad, const at::Tensor& una
   auto du = at::empty(unary.sizes(), unary.options());
   if (du.numel() == 0) return du;
   const int64_t N = unary.size(0), C = unary.size(1), H = unary.size(2), W = unary.size(3);
-  const int64_t P = H * W;
+  const int64_t P = H * W, chunk = chunk_images(N, P);
   const auto img = image.contiguous();
   const auto fopts = unary.options();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  for (int64_t n = 0; n < N; ++n) {
-    const auto u = to_rows(unary[n]);
-    auto g = to_rows(grad[n]);  // a copy: overwritten
-    auto d = at::zeros({P, C}, fopts);
-    auto traj = at::empty({iterations + 1, P, C}, fopts);
-    CrfImage crf(img.const_data_ptr<float>() + n * 3 * P, H, W, C, prm, fopts, stream);
-    float* traj_p = traj.mutable_data_ptr<float>();
-    const auto Q = [&](int64_t t) { return traj_p + t * P * C; };
-    crf.forward(u.const_data_ptr<float>(), iterations, Q);
-    crf.backward(g.mutable_data_ptr<float>(), iterations, Q, d.mutable_data_ptr<float>());
-    du[n].view({C, P}).copy_(d.t());
+  const auto u = to_rows(unary);
+  auto g = to_rows(grad);  // a copy: overwritten
+  auto d = at::zeros({N * P, C}, fopts);
+  auto traj = at::empty({iterations + 1, chunk * P, C}, fopts);
+  float* traj_p = traj.mutable_data_ptr<float>();
+  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+    const int64_t nc = std::min(chunk, N - n0), off = n0 * P * C;
+    CrfBatch crf(img.const_data_ptr<float>() + n0 * 3 * P, nc, H, W, C, prm, fopts, stream);
+    const auto Q = [&](int64_t t) { return traj_p + t * nc * P * C; };
+    crf.forward(u.const_data_ptr<float>() + off, iterations, Q);
+    crf.backward(g.mutable_data_ptr<float>() + off, iterations, Q,
+                 d.mutable_data_ptr<float>() + off);
   }
+  du.copy_(d.view({N, H, W, C}).permute({0, 3, 1, 2}));
   return du;
 }
 
