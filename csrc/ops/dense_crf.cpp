@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "ops/dense_crf.h"
@@ -48,6 +49,22 @@ void dense_crf_check(const at::Tensor& unary, const at::Tensor& image, int64_t i
   TORCH_CHECK(image.device() == unary.device(), "image is on ", image.device(),
               " but unary is on ", unary.device());
   check_params(iterations, pos_sxy, bi_sxy, bi_srgb);
+}
+
+void dense_crf_lattice_check(const at::Tensor& image, double pos_sxy, double bi_sxy,
+                             double bi_srgb) {
+  constexpr double kMaxFeature = 1.0e6;
+  if (image.numel() == 0) return;
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const double peak = image.abs().max().item<double>();  // NaN if any value is NaN
+  TORCH_CHECK(std::isfinite(peak), "image must be finite, got NaN or inf");
+  const double extent = static_cast<double>(std::max(image.size(2), image.size(3)));
+  TORCH_CHECK(peak / bi_srgb < kMaxFeature,
+              "image / bi_srgb is too large for the lattice: max |image| = ", peak,
+              ", bi_srgb = ", bi_srgb);
+  TORCH_CHECK(extent / pos_sxy < kMaxFeature && extent / bi_sxy < kMaxFeature,
+              "image size / pos_sxy or bi_sxy is too large for the lattice: pos_sxy = ", pos_sxy,
+              ", bi_sxy = ", bi_sxy);
 }
 
 void dense_crf_backward_check(const at::Tensor& grad, const at::Tensor& unary,

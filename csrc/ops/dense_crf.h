@@ -1,6 +1,6 @@
 #pragma once
 // fastseg::dense_crf — what the CPU and CUDA kernel files share: the argument checks (each names
-// the argument it rejects). The lattice math is in ops/common/permutohedral.h.
+// the argument it rejects) and the parameters. The lattice math is in ops/common/permutohedral.h.
 #include <ATen/core/Tensor.h>
 
 namespace fastseg::ops {
@@ -13,5 +13,27 @@ void dense_crf_check(const at::Tensor& unary, const at::Tensor& image, int64_t i
 void dense_crf_backward_check(const at::Tensor& grad, const at::Tensor& unary,
                               const at::Tensor& image, int64_t iterations, double pos_sxy,
                               double bi_sxy, double bi_srgb);
+
+// The lattice coordinates (< 2 (D+1)^2 |feature| for D <= 5) must fit an int32: the image
+// finite, max |image| / bi_srgb and max(H, W) / pos_sxy, / bi_sxy below 1e6. Reads the image
+// (a synchronisation on a GPU).
+void dense_crf_lattice_check(const at::Tensor& image, double pos_sxy, double bi_sxy,
+                             double bi_srgb);
+
+// The parameters as the kernels use them: float32, as pydensecrf.
+struct DenseCrfParams {
+  int64_t iterations;
+  float pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat;
+};
+
+inline DenseCrfParams dense_crf_params(int64_t iterations, double pos_sxy, double pos_compat,
+                                       double bi_sxy, double bi_srgb, double bi_compat) {
+  return {iterations,
+          static_cast<float>(pos_sxy),
+          static_cast<float>(pos_compat),
+          static_cast<float>(bi_sxy),
+          static_cast<float>(bi_srgb),
+          static_cast<float>(bi_compat)};
+}
 
 }  // namespace fastseg::ops

@@ -55,14 +55,7 @@ namespace {
 constexpr int64_t kPixelGrain = 1024;
 constexpr int64_t kVertexGrain = 1024;
 
-// Largest feature magnitude for which every lattice coordinate (< 2 (D+1)^2 |f| for D <= 5)
-// fits comfortably in an int32.
-constexpr double kMaxFeature = 1.0e6;
-
-struct Params {
-  int64_t iterations;
-  float pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat;
-};
+using Params = DenseCrfParams;
 
 // ---- storage -----------------------------------------------------------------------------------
 
@@ -846,17 +839,7 @@ void check_cpu_inputs(const at::Tensor& unary, const at::Tensor& image, const Pa
   const int64_t H = unary.size(2), W = unary.size(3), P = H * W;
   TORCH_CHECK(P * 6 < std::numeric_limits<int32_t>::max(), "image of ", H, " x ", W,
               " pixels is too large for the cpu kernel of ", op);
-  if (image.numel() == 0) return;
-  at::AutoDispatchBelowADInplaceOrView guard;
-  const double peak = image.abs().max().item<double>();  // NaN if any value is NaN
-  TORCH_CHECK(std::isfinite(peak), "image must be finite, got NaN or inf");
-  const double extent = static_cast<double>(std::max(H, W));
-  TORCH_CHECK(peak / prm.bi_srgb < kMaxFeature,
-              "image / bi_srgb is too large for the lattice: max |image| = ", peak,
-              ", bi_srgb = ", prm.bi_srgb);
-  TORCH_CHECK(extent / prm.pos_sxy < kMaxFeature && extent / prm.bi_sxy < kMaxFeature,
-              "image size / pos_sxy or bi_sxy is too large for the lattice: pos_sxy = ",
-              prm.pos_sxy, ", bi_sxy = ", prm.bi_sxy);
+  dense_crf_lattice_check(image, prm.pos_sxy, prm.bi_sxy, prm.bi_srgb);
 }
 
 // Runs fn(n) for every image: in parallel over images when N > 1, else inside the image.
@@ -869,16 +852,6 @@ void for_each_image(int64_t N, const Fn& fn) {
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) fn(n);
   });
-}
-
-Params make_params(int64_t iterations, double pos_sxy, double pos_compat, double bi_sxy,
-                   double bi_srgb, double bi_compat) {
-  return Params{iterations,
-                static_cast<float>(pos_sxy),
-                static_cast<float>(pos_compat),
-                static_cast<float>(bi_sxy),
-                static_cast<float>(bi_srgb),
-                static_cast<float>(bi_compat)};
 }
 
 // dst [P, S] = src [C, P] transposed, lanes C..S zero.
@@ -908,7 +881,7 @@ at::Tensor dense_crf_cpu(const at::Tensor& unary, const at::Tensor& image, int64
                          double pos_sxy, double pos_compat, double bi_sxy, double bi_srgb,
                          double bi_compat) {
   dense_crf_check(unary, image, iterations, pos_sxy, bi_sxy, bi_srgb);
-  const Params prm = make_params(iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat);
+  const Params prm = dense_crf_params(iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat);
   check_cpu_inputs(unary, image, prm, "dense_crf");
   auto q = at::empty(unary.sizes(), unary.options());
   if (q.numel() == 0) return q;
@@ -934,7 +907,7 @@ at::Tensor dense_crf_backward_cpu(const at::Tensor& grad, const at::Tensor& unar
                                   double pos_compat, double bi_sxy, double bi_srgb,
                                   double bi_compat) {
   dense_crf_backward_check(grad, unary, image, iterations, pos_sxy, bi_sxy, bi_srgb);
-  const Params prm = make_params(iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat);
+  const Params prm = dense_crf_params(iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat);
   check_cpu_inputs(unary, image, prm, "_dense_crf_backward");
   TORCH_CHECK(grad.device().is_cpu(), "grad must be a CPU tensor for the cpu kernel, got ",
               grad.device());

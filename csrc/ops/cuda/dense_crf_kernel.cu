@@ -64,8 +64,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 65535;  // grid-stride kernels need no more to fill a GPU
 constexpr int kEmpty = std::numeric_limits<int32_t>::max();  // empty hash slot (> every entry)
-// Largest feature magnitude for which every lattice coordinate fits in an int32 (as on the CPU).
-constexpr double kMaxFeature = 1.0e6;
 // Most pixels per chunk: the bilateral lattice's table, 2 P (D+1) = 12 P slots rounded up to a
 // power of two, must stay <= 2^31 slots, so that slots and entries fit an int.
 constexpr int64_t kMaxPixels = std::numeric_limits<int32_t>::max() / 12;
@@ -74,10 +72,7 @@ constexpr int64_t kMaxPixels = std::numeric_limits<int32_t>::max() / 12;
 constexpr int64_t kChunkPixels = int64_t(1) << 22;
 static_assert(kChunkPixels <= kMaxPixels);
 
-struct Params {
-  int64_t iterations;
-  float pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat;
-};
+using Params = DenseCrfParams;
 
 unsigned blocks_for(int64_t n) {
   return static_cast<unsigned>(std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxBlocks));
@@ -513,18 +508,8 @@ class CrfBatch {
 
 // ---- ops ---------------------------------------------------------------------------------------
 
-Params make_params(int64_t iterations, double pos_sxy, double pos_compat, double bi_sxy,
-                   double bi_srgb, double bi_compat) {
-  return Params{iterations,
-                static_cast<float>(pos_sxy),
-                static_cast<float>(pos_compat),
-                static_cast<float>(bi_sxy),
-                static_cast<float>(bi_srgb),
-                static_cast<float>(bi_compat)};
-}
-
-// The CPU kernel's input checks (finite image, lattice coordinates within int32), plus the
-// hash table's size limit. Syncs once for the image's maximum.
+// The device, the hash table's size limit and the lattice range (syncs once for the image's
+// maximum).
 void check_cuda_inputs(const at::Tensor& unary, const at::Tensor& image, const Params& prm,
                        const char* op) {
   TORCH_CHECK(unary.is_cuda(), "unary must be a CUDA tensor for the cuda kernel of ", op,
@@ -533,16 +518,7 @@ void check_cuda_inputs(const at::Tensor& unary, const at::Tensor& image, const P
   // Batches are cut into chunks of whole images; one image must fit a chunk.
   TORCH_CHECK(H * W <= kMaxPixels, "image of ", H, " x ", W,
               " pixels is too large for the cuda kernel of ", op);
-  if (image.numel() == 0) return;
-  const double peak = image.abs().max().item<double>();  // NaN if any value is NaN
-  TORCH_CHECK(std::isfinite(peak), "image must be finite, got NaN or inf");
-  const double extent = static_cast<double>(std::max(H, W));
-  TORCH_CHECK(peak / prm.bi_srgb < kMaxFeature,
-              "image / bi_srgb is too large for the lattice: max |image| = ", peak,
-              ", bi_srgb = ", prm.bi_srgb);
-  TORCH_CHECK(extent / prm.pos_sxy < kMaxFeature && extent / prm.bi_sxy < kMaxFeature,
-              "image size / pos_sxy or bi_sxy is too large for the lattice: pos_sxy = ",
-              prm.pos_sxy, ", bi_sxy = ", prm.bi_sxy);
+  dense_crf_lattice_check(image, prm.pos_sxy, prm.bi_sxy, prm.bi_srgb);
 }
 
 // [N, C, H, W] planes -> [N H W, C] rows (a fresh buffer).
@@ -558,7 +534,7 @@ at::Tensor dense_crf_cuda(const at::Tensor& unary, const at::Tensor& image, int6
                           double pos_sxy, double pos_compat, double bi_sxy, double bi_srgb,
                           double bi_compat) {
   dense_crf_check(unary, image, iterations, pos_sxy, bi_sxy, bi_srgb);
-  const Params prm = make_params(iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat);
+  const Params prm = dense_crf_params(iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat);
   check_cuda_inputs(unary, image, prm, "dense_crf");
   c10::cuda::CUDAGuard device_guard(unary.device());
   at::AutoDispatchBelowADInplaceOrView guard;
@@ -590,7 +566,7 @@ at::Tensor dense_crf_backward_cuda(const at::Tensor& grad, const at::Tensor& una
                                    double pos_compat, double bi_sxy, double bi_srgb,
                                    double bi_compat) {
   dense_crf_backward_check(grad, unary, image, iterations, pos_sxy, bi_sxy, bi_srgb);
-  const Params prm = make_params(iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat);
+  const Params prm = dense_crf_params(iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat);
   check_cuda_inputs(unary, image, prm, "_dense_crf_backward");
   c10::cuda::CUDAGuard device_guard(unary.device());
   at::AutoDispatchBelowADInplaceOrView guard;
