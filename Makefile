@@ -6,11 +6,20 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 DEV_DEPS   := ninja pytest pytest-benchmark expecttest numpy matplotlib hypothesis ruff pydensecrf2 scikit-image
 export MAX_JOBS ?= 2
 
+# The GPU machine's own stack (bench/gpu_check.sh runs there): its torch, Triton and torchvision and
+# the test tools it has (no pydensecrf2, no segmentation-models-pytorch; numpy < 2.3 for Triton 3.6's
+# interpreter). Built and tested in a copy of the tree, .twin/, so that its fastseg/_C (for torch
+# 2.11) never replaces the development build.
+TWIN      ?= .venv-twin
+TWIN_SRC  := .twin
+TWIN_PINS := torch==2.11.0 torchvision==0.26.0 triton==3.6.0
+TWIN_DEPS := ninja pytest pytest-xdist pytest-benchmark expecttest hypothesis scikit-image timm matplotlib "numpy<2.3"
+
 DEPS_STAMP := $(VENV)/.fastseg-deps
 BUILD_STAMP := $(VENV)/.fastseg-build
 SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
 
-.PHONY: all venv build build-inplace test test-fast test-interpret cpp-test bench lint clean
+.PHONY: all venv build build-inplace test test-fast test-interpret cpp-test twin-test bench lint clean
 
 all: test
 
@@ -41,6 +50,23 @@ test: build
 	$(VPY) -m pytest tests -m "not interpret" -q -rs
 	TRITON_INTERPRET=1 $(VPY) -m pytest tests -m interpret -q -rs
 
+# The device twin: build fastseg._C (C++ and CUDA) against torch 2.11, run the CPU and interpreter
+# suites there, and compile every Triton launch for sm_90a with Triton 3.6 (bench/triton_sm90_compile.py).
+$(TWIN)/.fastseg-deps:
+	$(PYTHON) -m venv $(TWIN)
+	$(TWIN)/bin/python -m pip install -q --upgrade pip setuptools wheel
+	$(TWIN)/bin/python -m pip install -q $(TWIN_PINS) $(TWIN_DEPS)
+	touch $@
+
+twin-test: $(TWIN)/.fastseg-deps
+	mkdir -p $(TWIN_SRC)
+	find $(TWIN_SRC) -mindepth 1 -maxdepth 1 ! -name build -exec rm -rf {} +  # keep ninja's objects only
+	git ls-files -z -co --exclude-standard | tar --null -T - -cf - | tar -xf - -C $(TWIN_SRC)
+	cd $(TWIN_SRC) && ../$(TWIN)/bin/python setup.py -q build_ext --inplace
+	cd $(TWIN_SRC) && ../$(TWIN)/bin/python -m pytest tests -m "not interpret" -q -rs -p no:cacheprovider
+	cd $(TWIN_SRC) && TRITON_INTERPRET=1 ../$(TWIN)/bin/python -m pytest tests -m interpret -q -rs -p no:cacheprovider
+	cd $(TWIN_SRC) && ../$(TWIN)/bin/python bench/triton_sm90_compile.py --json triton-sm90-compile.json
+
 cpp-test: $(DEPS_STAMP)
 	PYTHON=$(VPY) bash cpp_tests/run.sh
 
@@ -51,4 +77,4 @@ lint: $(DEPS_STAMP)
 	$(VENV)/bin/ruff check fastseg triton_kernels tests bench
 
 clean:
-	rm -rf build build-cmake fastseg/_C*.so fastseg/_build_info.py $(BUILD_STAMP)
+	rm -rf build build-cmake fastseg/_C*.so fastseg/_build_info.py $(BUILD_STAMP) $(TWIN_SRC)

@@ -117,6 +117,11 @@ for path in sorted(glob.glob(sys.argv[1] + "/*.xml")):
         print("   unreadable junit xml:", path, e)
 ET.ElementTree(merged).write(sys.argv[2], encoding="utf-8", xml_declaration=True)
 EOF
+  # What was skipped, and why (pytest -rs lines "SKIPPED [count] file:line: reason"), summed by reason.
+  note "   skipped tests by reason:"
+  cat "$PARTS"/*.log 2>/dev/null | awk '/^SKIPPED \[[0-9]+\]/ {
+      n = substr($2, 2, length($2) - 2); $1 = ""; $2 = ""; $3 = ""; sub(/^ +/, ""); by[$0] += n }
+    END { for (r in by) printf "     %5d  %s\n", by[r], r }' | sort -rn | head -n 20 | tee -a "$SUMMARY"
   rm -rf "$PARTS"
   note "   pytest rc=${RC[pytest]} ($(($(date +%s) - t0)) s)"
 else

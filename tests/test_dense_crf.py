@@ -4,7 +4,6 @@ O(N²) mean field on tiny images, batching, gradients, bad input; DenseCRF and c
 from __future__ import annotations
 
 import numpy as np
-import pydensecrf.densecrf as dcrf
 import pytest
 import skimage.data
 import skimage.transform
@@ -15,6 +14,12 @@ from fastseg import nn as fnn
 from fastseg import ops
 from fastseg.ops import _reference
 from fastseg.postprocess import crf_refine
+
+try:  # the GPU machine has no pydensecrf2: there the CPU kernel (checked against it here) stands in
+    import pydensecrf.densecrf as dcrf
+except ImportError:
+    dcrf = None
+needs_pydensecrf = pytest.mark.skipif(dcrf is None, reason="pydensecrf2 is not installed")
 
 BACKENDS = ["reference", "cpu"]
 DEFAULT = {"pos_sxy": 3.0, "pos_compat": 3.0, "bi_sxy": 80.0, "bi_srgb": 13.0, "bi_compat": 10.0}
@@ -53,6 +58,7 @@ def pydensecrf_q(image: torch.Tensor, unary: torch.Tensor, iterations: int, p: d
 @pytest.mark.parametrize("iterations,labels", [(5, 2), (10, 21), (5, 21), (10, 2)])
 @pytest.mark.parametrize("name", ["astronaut", "chelsea", "coffee"])
 @pytest.mark.parametrize("backend", BACKENDS)
+@needs_pydensecrf
 def test_matches_pydensecrf(backend, name, iterations, labels, params):
     p = DEFAULT if params == "default" else DEEPLAB
     image = photo(name, SCALE.get(backend, 1.0))
@@ -241,10 +247,12 @@ def test_module_and_crf_refine():
 @pytest.mark.parametrize("params", ["default", "deeplab"])
 @pytest.mark.parametrize("name", ["astronaut", "coffee"])
 def test_gpu_matches_pydensecrf(name, params):
+    """Against pydensecrf, or where it is not installed against the CPU kernel (same thresholds)."""
     p = DEFAULT if params == "default" else DEEPLAB
     image = photo(name, 1.0)
     unary = coarse_unary(21, *image.shape[1:], seed=len(name))
-    want = pydensecrf_q(image, unary, 10, p)
+    want = pydensecrf_q(image, unary, 10, p) if dcrf is not None else \
+        ops.dense_crf(unary, image, iterations=10, **p, backend="cpu")
     got = ops.dense_crf(unary.cuda(), image.cuda(), iterations=10, **p, backend="cuda").cpu()
     agree = (got.argmax(0) == want.argmax(0)).double().mean().item()
     mean_diff = (got - want).abs().mean().item()

@@ -1,11 +1,14 @@
-"""What the Triton ops share: dtypes, interpreter detection, block-size rounding, index helpers."""
+"""What the Triton ops share: dtypes, interpreter detection, launching, dot precision, block-size
+rounding, index helpers."""
 
+import contextlib
 import os
 
 import torch
 import triton
 import triton.language as tl  # noqa: F401  (the interpreter needs tl in a jit function's globals)
 from torch import Tensor
+from torch.library import wrap_triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -13,6 +16,31 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def interpreting() -> bool:
     """Under TRITON_INTERPRET=1 the raw kernel is launched: wrap_triton cannot wrap an interpreted one."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def kernel(fn):
+    """The launchable form of a ``@triton.jit`` kernel: ``wrap_triton`` (visible to torch.compile),
+    or the raw kernel under the interpreter, which wrap_triton cannot wrap."""
+    return fn if interpreting() else wrap_triton(fn)
+
+
+def on_device(t: Tensor):
+    """Context in which to launch kernels on ``t``: Triton launches on the *current* CUDA device and
+    its current stream, so inputs on cuda:1 while cuda:0 is current would be read from the wrong
+    device. A no-op for CPU tensors (the interpreter)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+_FP32_PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of ``tl.dot`` for operands of ``dtype``: for float32 it follows
+    ``torch.get_float32_matmul_precision()`` as PyTorch's own matmuls do ("highest" -> exact fp32
+    "ieee", "high" -> "tf32x3", "medium" -> "tf32"); other dtypes ignore it."""
+    if dtype != torch.float32:
+        return "tf32"
+    return _FP32_PRECISION[torch.get_float32_matmul_precision()]
 
 
 def pow2(n: int, lo: int, hi: int) -> int:

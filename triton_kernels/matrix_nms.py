@@ -51,9 +51,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
-from fastseg.triton_kernels._common import interpreting
+from fastseg.triton_kernels._common import kernel as _kernel, on_device
 
 __all__ = ["matrix_nms_decay"]
 
@@ -64,7 +63,9 @@ _ONE_KEY = 0x3FF0000000000000  # the bits of 1.0 (the order key of a positive fl
 # ---- kernels ---------------------------------------------------------------------------------
 
 
-@triton.jit
+# Sizes are not specialised (== 1 / % 16): one compiled variant serves every n and image size. The
+# strides are, so that 16-byte aligned rows load as vectors.
+@triton.jit(do_not_specialize=["n", "HW"])
 def _matrix_nms_tile_kernel(
     masks_ptr,  # [n0, HW] uint8 (bool viewed as uint8), strides (s_m, s_k) in elements, any
     idx_ptr,  # [n] int64 contiguous: mask index order[perm[p]] of grouped position p
@@ -114,30 +115,31 @@ def _matrix_nms_tile_kernel(
             else:
                 a = (a != 0).to(tl.int8)
                 b = (b != 0).to(tl.int8)
-            acc = tl.dot(a, tl.trans(b), acc)  # exact 0/1 products, int32 sums
+            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)  # exact 0/1 products, int32 sums
         if MODE == 0:
             ptrs = out_ptr + offs_p[:, None].to(tl.int64) * n + offs_q[None, :]
             if ATOMIC:
-                tl.atomic_add(ptrs, acc, mask=pair)
+                tl.atomic_add(ptrs, acc, mask=pair, sem="relaxed")
             else:
                 tl.store(ptrs, acc, mask=pair)
         else:
             area_p = tl.load(area_ptr + offs_p, mask=mask_p, other=0.0)
             area_q = tl.load(area_ptr + offs_q, mask=mask_q, other=0.0)
             iou = _iou(acc.to(tl.float64), area_p, area_q)
-            # Integer atomics on order-preserving keys: exact, so the result is the same in any order.
+            # Integer atomics on order-preserving keys: exact, so the result is the same in any order;
+            # relaxed: the values are read only after the launch, nothing is ordered around them.
             if MODE == 1:  # iou >= 0: its bits order as it does
                 col = tl.max(tl.where(pair, iou, 0.0), axis=0)
-                tl.atomic_max(out_ptr + offs_q, col.to(tl.int64, bitcast=True), mask=mask_q)
+                tl.atomic_max(out_ptr + offs_q, col.to(tl.int64, bitcast=True), mask=mask_q, sem="relaxed")
             else:
                 sigma = tl.load(sigma_ptr)
                 comp = tl.load(comp_ptr + offs_p, mask=mask_p, other=0).to(tl.float64, bitcast=True)
                 col = tl.min(tl.where(pair, _ratio(iou, _decay_f(comp, sigma, KERNEL)[:, None], sigma, KERNEL), 1.0),
                              axis=0)
-                tl.atomic_min(out_ptr + offs_q, _order_key(col), mask=mask_q)
+                tl.atomic_min(out_ptr + offs_q, _order_key(col), mask=mask_q, sem="relaxed")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "HW"])
 def _matrix_nms_area_kernel(
     masks_ptr,  # [n0, HW] uint8, strides (s_m, s_k), as the tile kernel's
     idx_ptr,  # [n] int64 contiguous: mask index of grouped position p
@@ -207,7 +209,7 @@ def _iou_tile(inter_ptr, area_ptr, start_q, offs_q, area_q, p0, n,
     return _iou(inter, area_p, area_q), pair, offs_p
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _matrix_nms_comp_kernel(
     inter_ptr,  # [n, n] int32 contiguous, strides (n, 1): valid for start[q] <= p <= q
     area_ptr,  # [n] float64 contiguous: areas of the grouped positions (read only when HAS_AREA)
@@ -234,7 +236,7 @@ def _matrix_nms_comp_kernel(
     tl.store(fcomp_ptr + offs_q, _decay_f(comp, sigma, KERNEL), mask=mask_q)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _matrix_nms_decay_kernel(
     inter_ptr,  # [n, n] int32 contiguous, strides (n, 1): valid for start[q] <= p <= q
     area_ptr,  # [n] float64 contiguous (read only when HAS_AREA)
@@ -266,10 +268,6 @@ def _matrix_nms_decay_kernel(
 
 
 # ---- launcher (allocates outputs, picks block sizes) --------------------------------------------
-
-
-def _kernel(fn):
-    return fn if interpreting() else wrap_triton(fn)
 
 
 def _blocks(n: int, hw: int, device: torch.device, aligned: bool) -> dict[str, int]:
@@ -399,7 +397,8 @@ def _check(masks: Tensor, labels: Tensor, order: Tensor, mask_area: Tensor | Non
 def _matrix_nms_decay_triton(masks: Tensor, labels: Tensor, order: Tensor, mask_area: Tensor | None, kernel: str,
                              sigma: float) -> Tensor:
     _check(masks, labels, order, mask_area, kernel, sigma)
-    return _launch_matrix_nms_decay(masks, labels, order, mask_area, kernel, sigma)
+    with on_device(masks):
+        return _launch_matrix_nms_decay(masks, labels, order, mask_area, kernel, sigma)
 
 
 def matrix_nms_decay(masks: Tensor, labels: Tensor, order: Tensor, mask_area: Tensor | None, kernel: str,

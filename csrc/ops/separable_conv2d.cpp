@@ -1,6 +1,8 @@
 // Schema of fastseg::separable_conv2d and its backward, plus the device-independent parts.
 #include "ops/separable_conv2d.h"
 
+#include <array>
+
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/autocast_mode.h>
@@ -95,6 +97,8 @@ SepConvGrads separable_conv2d_backward_impl(
   const auto ds = affine_param(dw_scale, opmath), dh = affine_param(dw_shift, opmath);
   const auto ps = affine_param(pw_scale, opmath), ph = affine_param(pw_shift, opmath);
   auto col = [](const at::Tensor& t) { return t.view({1, -1, 1}); };
+  // Reduce over batch and pixels. A named array: torch 2.11's headers find sum({0, 2}) ambiguous.
+  const std::array<int64_t, 2> batch_pixels{0, 2};
 
   // Recompute the forward: a (depthwise), b (affine), y (act), z (pointwise), u (affine).
   const auto a = kernels.forward(xf, dwf, g).view({N, C, P});
@@ -111,14 +115,14 @@ SepConvGrads separable_conv2d_backward_impl(
     if (ph.defined()) u = u + col(ph);
     gu = gout * u.gt(0);
   }
-  const auto g_ps = ps.defined() ? (gu * z).sum({0, 2}) : at::Tensor();
-  const auto g_ph = ph.defined() ? gu.sum({0, 2}) : at::Tensor();
+  const auto g_ps = ps.defined() ? (gu * z).sum(batch_pixels) : at::Tensor();
+  const auto g_ph = ph.defined() ? gu.sum(batch_pixels) : at::Tensor();
   const auto gz = ps.defined() ? gu * col(ps) : gu;
   const auto g_pw = at::matmul(gz, y.transpose(1, 2)).sum(0).view({O, C, 1, 1});
   auto gb = at::matmul(pw2.t(), gz);
   if (dw_relu) gb = gb * b.gt(0);
-  const auto g_ds = ds.defined() ? (gb * a).sum({0, 2}) : at::Tensor();
-  const auto g_dh = dh.defined() ? gb.sum({0, 2}) : at::Tensor();
+  const auto g_ds = ds.defined() ? (gb * a).sum(batch_pixels) : at::Tensor();
+  const auto g_dh = dh.defined() ? gb.sum(batch_pixels) : at::Tensor();
   const auto ga = (ds.defined() ? gb * col(ds) : gb).view({N, C, Ho, Wo}).contiguous();
   const auto g_x = kernels.backward_input(ga, dwf, x.size(2), x.size(3), g);
   const auto g_dw = kernels.backward_weight(ga, xf, k, g);
