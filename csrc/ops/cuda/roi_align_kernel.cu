@@ -83,9 +83,10 @@ __device__ __forceinline__ RoiGeometry<acc_t> load_geometry(const scalar_t* __re
 
 // out[k, c, ph, pw] = sum over the bin's samples of the 4 bilinear terms (/ count for kCount).
 // The y tap is hoisted out of the x loop; caching the x taps would need grid_w registers.
-// 4 blocks per SM (<= 64 registers): ptxas' own target of 48 spills around the fdiv slow path.
+// 4 blocks per SM (<= 64 registers): ptxas' own target of 48 spills around the fdiv slow path;
+// fp64 needs twice the registers for the same live values, so 2 blocks (<= 128) there.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads, 4)
+__global__ void __launch_bounds__(kThreads, sizeof(at::opmath_type<scalar_t>) == 8 ? 2 : 4)
     roi_gather_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ rois,
                       scalar_t* __restrict__ out, int64_t N, int64_t C, int64_t H, int64_t W,
                       int64_t PH, int64_t PW, at::opmath_type<scalar_t> spatial_scale,

@@ -210,38 +210,61 @@ __global__ void depthwise_backward_input_kernel(const scalar_t* __restrict__ gra
   }
 }
 
-// One block per (channel, tap): a fixed-order strided sum then a fixed-shape tree, so the result
-// is deterministic.
-template <typename scalar_t>
+// One block per channel computes all K x K taps in one pass over the gradient (each grad value is
+// read once, not K^2 times), threads laid out 32 x 8 over (ow, oh) with int32 loops (no 64-bit
+// division per element). kK is the kernel size when it is one of the instantiated ones (taps in
+// registers); kK = 0 takes any k, one tap per pass. Fixed-order strided sums then a fixed-shape
+// tree per tap: deterministic.
+constexpr int kWeightGradTx = 32, kWeightGradTy = kThreads / kWeightGradTx;
+
+template <typename scalar_t, int kK>
 __global__ void __launch_bounds__(kThreads)
     depthwise_backward_weight_kernel(const scalar_t* __restrict__ grad,
                                      const scalar_t* __restrict__ x, scalar_t* __restrict__ gw,
                                      Plane pl, int64_t N, int64_t C) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kRegTaps = kK > 0 ? kK * kK : 1;
   __shared__ acc_t warp_sums[kThreads / 32];
-  const int64_t kk = pl.k * pl.k, P = pl.Ho * pl.Wo, HW = pl.H * pl.W;
-  const int64_t c = blockIdx.x / kk, t = blockIdx.x % kk;
-  const int64_t ti = t / pl.k, tj = t % pl.k;
-  acc_t acc = 0;
-  for (int64_t n = 0; n < N; ++n) {
-    const scalar_t* gp = grad + (n * C + c) * P;
-    const scalar_t* xp = x + (n * C + c) * HW;
-    for (int64_t p = threadIdx.x; p < P; p += kThreads) {
-      const int64_t ih = tap_input(p / pl.Wo, ti, pl.s, pl.d, pl.pb);
-      const int64_t iw = tap_input(p % pl.Wo, tj, pl.s, pl.d, pl.pb);
-      if (ih < 0 || ih >= pl.H || iw < 0 || iw >= pl.W) continue;
-      acc += static_cast<acc_t>(gp[p]) * static_cast<acc_t>(xp[ih * pl.W + iw]);
+  const int k = kK > 0 ? kK : static_cast<int>(pl.k);
+  const int Ho = static_cast<int>(pl.Ho), Wo = static_cast<int>(pl.Wo);
+  const int H = static_cast<int>(pl.H), W = static_cast<int>(pl.W);
+  const int s = static_cast<int>(pl.s), d = static_cast<int>(pl.d), pb = static_cast<int>(pl.pb);
+  const int64_t c = blockIdx.x;
+  const int passes = kK > 0 ? 1 : k * k;
+  for (int pass = 0; pass < passes; ++pass) {
+    acc_t acc[kRegTaps];
+#pragma unroll
+    for (int t = 0; t < kRegTaps; ++t) acc[t] = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      const scalar_t* gp = grad + (n * C + c) * Ho * Wo;
+      const scalar_t* xp = x + (n * C + c) * H * W;
+      for (int oh = threadIdx.y; oh < Ho; oh += kWeightGradTy) {
+        for (int ow = threadIdx.x; ow < Wo; ow += kWeightGradTx) {
+          const acc_t gv = static_cast<acc_t>(gp[oh * Wo + ow]);
+#pragma unroll
+          for (int t = 0; t < kRegTaps; ++t) {
+            const int tap = kK > 0 ? t : pass;
+            const int ih = oh * s - pb + (tap / k) * d, iw = ow * s - pb + (tap % k) * d;
+            if (ih >= 0 && ih < H && iw >= 0 && iw < W)
+              acc[t] += gv * static_cast<acc_t>(xp[ih * W + iw]);
+          }
+        }
+      }
     }
-  }
-  for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, off);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (lane == 0) warp_sums[warp] = acc;
-  __syncthreads();
-  if (warp == 0) {
-    acc = lane < kThreads / 32 ? warp_sums[lane] : acc_t(0);
-    for (int off = kThreads / 64; off > 0; off >>= 1)
-      acc += __shfl_down_sync(0xffffffffu, acc, off);
-    if (lane == 0) gw[blockIdx.x] = static_cast<scalar_t>(acc);
+    const int tid = threadIdx.y * kWeightGradTx + threadIdx.x, lane = tid % 32, warp = tid / 32;
+#pragma unroll
+    for (int t = 0; t < kRegTaps; ++t) {
+      acc_t v = acc[t];
+      for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+      if (lane == 0) warp_sums[warp] = v;
+      __syncthreads();
+      if (warp == 0) {
+        v = lane < kThreads / 32 ? warp_sums[lane] : acc_t(0);
+        for (int off = kThreads / 64; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+        if (lane == 0) gw[c * k * k + (kK > 0 ? t : pass)] = static_cast<scalar_t>(v);
+      }
+      __syncthreads();  // warp_sums is reused by the next tap
+    }
   }
 }
 
@@ -291,12 +314,25 @@ at::Tensor depthwise_backward_weight(const at::Tensor& grad_, const at::Tensor& 
   auto gw = at::empty({C, 1, k, k}, x.options());
   TORCH_CHECK(gw.numel() <= std::numeric_limits<int32_t>::max(),
               "dw_weight has too many elements for the cuda kernel: ", gw.numel());
+  TORCH_CHECK(pl.H * pl.W <= std::numeric_limits<int32_t>::max() &&
+                  pl.Ho * pl.Wo <= std::numeric_limits<int32_t>::max(),
+              "x is too large for the cuda depthwise weight gradient: ", pl.H, "x", pl.W);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "depthwise_backward_weight_cuda", [&] {
-    depthwise_backward_weight_kernel<scalar_t>
-        <<<static_cast<unsigned>(gw.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-            grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-            gw.mutable_data_ptr<scalar_t>(), pl, N, C);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto launch = [&](auto kernel) {
+      kernel<<<static_cast<unsigned>(C), dim3(kWeightGradTx, kWeightGradTy), 0,
+               at::cuda::getCurrentCUDAStream()>>>(grad.const_data_ptr<scalar_t>(),
+                                                   x.const_data_ptr<scalar_t>(),
+                                                   gw.mutable_data_ptr<scalar_t>(), pl, N, C);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    // The kernel sizes of the architectures (1x1 .. 7x7) keep their taps in registers.
+    switch (k) {
+      case 1: launch(depthwise_backward_weight_kernel<scalar_t, 1>); break;
+      case 3: launch(depthwise_backward_weight_kernel<scalar_t, 3>); break;
+      case 5: launch(depthwise_backward_weight_kernel<scalar_t, 5>); break;
+      case 7: launch(depthwise_backward_weight_kernel<scalar_t, 7>); break;
+      default: launch(depthwise_backward_weight_kernel<scalar_t, 0>);
+    }
   });
   return gw;
 }
