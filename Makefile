@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 VPY    := $(VENV)/bin/python
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
-DEV_DEPS   := ninja pytest pytest-benchmark expecttest numpy matplotlib hypothesis ruff pydensecrf2 scikit-image
+DEV_DEPS   := ninja pytest pytest-benchmark expecttest numpy matplotlib hypothesis ruff pydensecrf2 scikit-image segmentation-models-pytorch
 export MAX_JOBS ?= 2
 
 # The GPU machine's own stack (bench/gpu_check.sh runs there): its torch, Triton and torchvision and

@@ -30,12 +30,16 @@ using common::tap_input;
 using common::tap_output;
 
 constexpr int kThreads = 256;
-// 64 x 64 output tile, 16 x 16 threads with a 4 x 4 micro-tile each: 16 FMAs per 8 shared
-// loads, and 16-channel chunks keep both shared tiles at 4 KiB (fp32) / 8 KiB (fp64).
-constexpr int kTileP = 64, kTileO = 64, kTileC = 16;
-constexpr int kMicro = 4, kLanes = kTileP / kMicro;  // 16 threads along each tile side
+// 64 output channels x kTileP pixels per block, 16 x 16 threads with a 4 x kMicroP micro-tile
+// each: 64 x 64 tiles do 16 FMAs per 8 shared loads, and 16-channel chunks keep both shared tiles
+// at 4 KiB (fp32) / 8 KiB (fp64). Narrower pixel tiles (kMicroP 2 or 1: 32 or 16 pixels) are
+// used when the 64-pixel tiles would give fewer blocks than the GPU has SMs (ASPP at 33 x 33:
+// 72 blocks for 132 SMs).
+constexpr int kTileO = 64, kTileC = 16;
+constexpr int kMicro = 4, kLanes = 16;  // 16 threads along each tile side
 static_assert(kLanes * kLanes == kThreads && kTileO / kMicro == kLanes);
-static_assert(kThreads % kTileP == 0 && kTileC % (kThreads / kTileP) == 0);
+template <int kMicroP>
+constexpr int kTileP = kLanes * kMicroP;
 // Grid-stride kernels need no more blocks than this to fill any current GPU.
 constexpr int64_t kMaxBlocks = 65535;
 
@@ -85,7 +89,7 @@ __device__ __forceinline__ acc_t depthwise_at(const scalar_t* __restrict__ xp,
 
 // Block b: output-channel tile b % o_tiles (fastest, so the blocks sharing a pixel tile run
 // together and reuse its x reads from L2), pixel tile, then image.
-template <typename scalar_t>
+template <typename scalar_t, int kMicroP>
 __global__ void __launch_bounds__(kThreads)
     separable_conv2d_fused_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dw,
                                   const scalar_t* __restrict__ pw,
@@ -96,18 +100,20 @@ __global__ void __launch_bounds__(kThreads)
                                   scalar_t* __restrict__ out, Plane pl, int64_t C, int64_t O,
                                   int64_t p_tiles, int64_t o_tiles, bool dw_relu, bool relu) {
   using acc_t = at::opmath_type<scalar_t>;
-  __shared__ acc_t ys[kTileC][kTileP];
+  constexpr int kTP = kTileP<kMicroP>;
+  static_assert(kThreads % kTP == 0 && kTileC % (kThreads / kTP) == 0);
+  __shared__ acc_t ys[kTileC][kTP];
   __shared__ acc_t ws[kTileC][kTileO + 1];  // +1: the transposing store avoids bank conflicts
 
   const int64_t P = pl.Ho * pl.Wo, HW = pl.H * pl.W, kk = pl.k * pl.k;
   const int64_t b = blockIdx.x;
   const int64_t o0 = (b % o_tiles) * kTileO;
-  const int64_t p0 = (b / o_tiles % p_tiles) * kTileP;
+  const int64_t p0 = (b / o_tiles % p_tiles) * kTP;
   const int64_t n = b / o_tiles / p_tiles;
   const int tid = threadIdx.x;
 
   // Depthwise role: a fixed pixel per thread, channels dc, dc + 4, ... of each chunk.
-  const int dp = tid % kTileP, dc = tid / kTileP;
+  const int dp = tid % kTP, dc = tid / kTP;
   const int64_t p = p0 + dp;
   const bool p_ok = p < P;
   const int64_t oh = p_ok ? p / pl.Wo : 0, ow = p_ok ? p % pl.Wo : 0;
@@ -116,10 +122,10 @@ __global__ void __launch_bounds__(kThreads)
   // Pointwise role: channels ty + 16 i, pixels tx + 16 j (strided, so shared reads broadcast
   // or hit distinct banks and global stores stay coalesced).
   const int tx = tid % kLanes, ty = tid / kLanes;
-  acc_t acc[kMicro][kMicro] = {};
+  acc_t acc[kMicro][kMicroP] = {};
 
   for (int64_t c0 = 0; c0 < C; c0 += kTileC) {
-    for (int cl = dc; cl < kTileC; cl += kThreads / kTileP) {
+    for (int cl = dc; cl < kTileC; cl += kThreads / kTP) {
       const int64_t c = c0 + cl;
       acc_t v = 0;  // padding rows/columns must be 0, not garbage: they meet 0 weights
       if (p_ok && c < C) {
@@ -138,15 +144,15 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
 #pragma unroll
     for (int cl = 0; cl < kTileC; ++cl) {
-      acc_t wv[kMicro], yv[kMicro];
+      acc_t wv[kMicro], yv[kMicroP];
 #pragma unroll
       for (int i = 0; i < kMicro; ++i) wv[i] = ws[cl][ty + kLanes * i];
 #pragma unroll
-      for (int j = 0; j < kMicro; ++j) yv[j] = ys[cl][tx + kLanes * j];
+      for (int j = 0; j < kMicroP; ++j) yv[j] = ys[cl][tx + kLanes * j];
 #pragma unroll
       for (int i = 0; i < kMicro; ++i)
 #pragma unroll
-        for (int j = 0; j < kMicro; ++j) acc[i][j] += wv[i] * yv[j];
+        for (int j = 0; j < kMicroP; ++j) acc[i][j] += wv[i] * yv[j];
     }
     __syncthreads();  // the next chunk overwrites ys / ws
   }
@@ -158,7 +164,7 @@ __global__ void __launch_bounds__(kThreads)
     const acc_t sc = pw_scale ? pw_scale[o] : acc_t(1), sh = pw_shift ? pw_shift[o] : acc_t(0);
     scalar_t* orow = out + (n * O + o) * P;
 #pragma unroll
-    for (int j = 0; j < kMicro; ++j) {
+    for (int j = 0; j < kMicroP; ++j) {
       const int64_t q = p0 + tx + kLanes * j;
       if (q < P) orow[q] = static_cast<scalar_t>(affine_act<acc_t>(acc[i][j], sc, sh, relu));
     }
@@ -363,8 +369,15 @@ at::Tensor separable_conv2d_cuda(const at::Tensor& x, const at::Tensor& dw_weigh
   if (out.numel() == 0) return out;
   const int64_t C = x.size(1), O = shape[1];
   const Plane pl = plane_of(x.size(2), x.size(3), dw_weight.size(2), g);
-  const int64_t p_tiles = (pl.Ho * pl.Wo + kTileP - 1) / kTileP;
   const int64_t o_tiles = (O + kTileO - 1) / kTileO;
+  auto tiles = [&](int tile_p) { return (pl.Ho * pl.Wo + tile_p - 1) / tile_p; };
+  // The widest pixel tile that still gives every SM a block (the narrowest when none does).
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));  // x's device: the guard above made it current
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  int micro_p = 4;
+  while (micro_p > 1 && shape[0] * tiles(kLanes * micro_p) * o_tiles < sms) micro_p /= 2;
+  const int64_t p_tiles = tiles(kLanes * micro_p);
   const int64_t blocks = shape[0] * p_tiles * o_tiles;
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
               "x is too large for the cuda kernel of separable_conv2d: ", blocks, " tiles");
@@ -375,13 +388,19 @@ at::Tensor separable_conv2d_cuda(const at::Tensor& x, const at::Tensor& dw_weigh
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "separable_conv2d_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    separable_conv2d_fused_kernel<scalar_t>
-        <<<static_cast<unsigned>(blocks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-            xc.const_data_ptr<scalar_t>(), dwc.const_data_ptr<scalar_t>(),
-            pwc.const_data_ptr<scalar_t>(), ptr_or_null<acc_t>(ds), ptr_or_null<acc_t>(dh),
-            ptr_or_null<acc_t>(ps), ptr_or_null<acc_t>(ph), out.mutable_data_ptr<scalar_t>(), pl,
-            C, O, p_tiles, o_tiles, dw_relu, relu);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto launch = [&](auto kernel) {
+      kernel<<<static_cast<unsigned>(blocks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          xc.const_data_ptr<scalar_t>(), dwc.const_data_ptr<scalar_t>(),
+          pwc.const_data_ptr<scalar_t>(), ptr_or_null<acc_t>(ds), ptr_or_null<acc_t>(dh),
+          ptr_or_null<acc_t>(ps), ptr_or_null<acc_t>(ph), out.mutable_data_ptr<scalar_t>(), pl,
+          C, O, p_tiles, o_tiles, dw_relu, relu);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    switch (micro_p) {
+      case 4: launch(separable_conv2d_fused_kernel<scalar_t, 4>); break;
+      case 2: launch(separable_conv2d_fused_kernel<scalar_t, 2>); break;
+      default: launch(separable_conv2d_fused_kernel<scalar_t, 1>);
+    }
   });
   return out;
 }
