@@ -55,6 +55,7 @@ def check_forward_backward(run, reference, leaves: list[torch.Tensor], names: li
     """``run(*leaves)`` against ``reference`` on float64 copies of the leaves (the oracle) and, for the
     ratio rule, on the leaves themselves: the output, then the gradient of every leaf."""
     dtype = leaves[0].dtype
+    leaves = [t.detach().requires_grad_(True) for t in leaves]  # callers need not set requires_grad
     leaves64 = [t.detach().double().requires_grad_(True) for t in leaves]
     out = run(*leaves)
     ref64 = reference(*leaves64)

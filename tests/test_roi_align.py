@@ -406,3 +406,131 @@ def test_gpu_compile_fullgraph(backend):
     torch._dynamo.reset()
     for g, w in zip(torch.compile(fn, fullgraph=True)(feats, maps), fn(feats, maps), strict=True):
         torch.testing.assert_close(g, w)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2,
+                    reason="needs two CUDA devices (inputs on cuda:1 while cuda:0 is current)")
+def test_gpu_triton_on_a_device_that_is_not_current():
+    """Triton launches on the current device and stream: the ops must switch to their inputs' device."""
+    case = CASES[0]
+    feats, rois = sample_inputs(case, "cuda:1", torch.float32)
+    feats.requires_grad_(True)
+    maps = torch.randn(case.k, case.c, *case.out, device="cuda:1", requires_grad=True)
+    size, kw = (case.h, case.w), _kw(case)
+    with torch.cuda.device(0):
+        check_forward_backward(lambda f: ops.roi_align(f, rois, case.out, **kw, backend="triton"),
+                               lambda f: _reference.roi_align(f, rois.to(f.dtype), case.out, **kw),
+                               [feats], ["features"])
+        for mode in ("adjoint", "aunet"):
+            check_forward_backward(
+                lambda m, mode=mode: ops.roi_upsample(m, rois, size, batch_size=case.n, mode=mode, **kw,
+                                                      backend="triton"),
+                lambda m, mode=mode: _reference.roi_upsample(m, rois.to(m.dtype), size, batch_size=case.n, mode=mode,
+                                                             **kw), [maps], ["roi_maps"])
+        assert torch.cuda.current_device() == 0
+
+
+def _integer_boxes(k: int, n: int, size: tuple[int, int], out: tuple[int, int], scale: float, device) -> torch.Tensor:
+    """[k, 5] RoIs whose feature-space heights and widths are exact multiples (1 to 8) of the pooled size
+    at integer feature coordinates (some partly outside), in image coordinates: bins of whole pixels."""
+    g = torch.Generator().manual_seed(int(1 / scale))
+    rows = []
+    for _ in range(k):
+        box, ends = [float(torch.randint(0, n, (1,), generator=g))], []
+        for length, pooled in ((size[1], out[1]), (size[0], out[0])):  # x, then y
+            extent = pooled * int(torch.randint(1, 9, (1,), generator=g))
+            start = int(torch.randint(-2, max(-1, length - extent + 3), (1,), generator=g))
+            box.append(start / scale)
+            ends.append((start + extent) / scale)
+        rows.append(box + ends)
+    return torch.tensor(rows, device=device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("scale", [1.0, 0.5, 0.25, 0.125])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_integer_boxes_match_torchvision(backend, scale, aligned):
+    """Bins of exactly m pixels: ceil(roi / pooled) must be m, not m + 1 (a compiled fp32 `/` is not
+    IEEE on the GPU). One sample more per bin moves every sample: errors of order 0.1, not 1e-6."""
+    torch.manual_seed(11)
+    feats = torch.randn(2, 3, 64, 64, device="cuda")
+    rois = _integer_boxes(64, 2, (64, 64), (7, 5), scale, "cuda")
+    kw = dict(spatial_scale=scale, sampling_ratio=-1, aligned=aligned)
+    f, ft = (feats.clone().requires_grad_(True) for _ in range(2))
+    out = ops.roi_align(f, rois, (7, 5), **kw, backend=backend)
+    want = torchvision.ops.roi_align(ft, rois, (7, 5), **kw)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(want)
+    torch.testing.assert_close(torch.autograd.grad(out, f, grad)[0], torch.autograd.grad(want, ft, grad)[0],
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_float16_large_values_do_not_overflow(backend):
+    """fp16 features of magnitude 2e4..3e4 and adaptive grids of 4 to 7 samples per bin: nothing in
+    between may exceed fp16's 65504 (the Triton gather rounds X A_x^T to fp16 for its second dot)."""
+    from conftest import TOL
+
+    torch.manual_seed(5)
+    mag = torch.empty(2, 5, 48, 48, device="cuda").uniform_(2e4, 3e4)
+    sign = torch.ones_like(mag)
+    sign[:, 1:] = torch.randint(0, 2, (2, 4, 48, 48), device="cuda").float() * 2 - 1  # channel 0: all positive
+    feats = (mag * sign).half()
+    xy = torch.rand(40, 2, device="cuda") * 10
+    wh = 28 + torch.rand(40, 2, device="cuda") * 18  # 7 x 7 bins of 4 to 6.6 pixels
+    # fp16 boxes: fastseg.ops rounds the RoIs to the features' dtype, as torchvision requires
+    rois = torch.cat([torch.randint(0, 2, (40, 1), device="cuda").float(), xy, xy + wh], dim=1).half()
+    for aligned in (False, True):
+        out = ops.roi_align(feats, rois, (7, 7), sampling_ratio=-1, aligned=aligned, backend=backend)
+        want = torchvision.ops.roi_align(feats.double(), rois.double(), (7, 7), sampling_ratio=-1, aligned=aligned)
+        assert out.dtype == torch.float16 and torch.isfinite(out).all(), f"aligned={aligned}: inf in the output"
+        atol, rtol = TOL[torch.float16]  # the fp16 row, scaled to the data's magnitude
+        torch.testing.assert_close(out.double() / 3e4, want / 3e4, atol=atol, rtol=rtol)
+
+
+@pytest.mark.gpu
+def test_gpu_triton_fp32_dot_precision_follows_torch():
+    """fp32 dots follow torch.get_float32_matmul_precision(): "highest" (the default) and "high" are fp32
+    accurate, "medium" is TF32 (visibly different, within TF32's error)."""
+    case = CASES[5]  # adaptive grids of 10+ samples per bin
+    feats, rois = sample_inputs(case, "cuda", torch.float32)
+    want = torchvision.ops.roi_align(feats.double(), rois.double(), case.out, **_kw(case))
+    previous = torch.get_float32_matmul_precision()
+    got = {}
+    try:
+        for precision in ("highest", "high", "medium"):
+            torch.set_float32_matmul_precision(precision)
+            got[precision] = ops.roi_align(feats, rois, case.out, **_kw(case), backend="triton")
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    for precision in ("highest", "high"):
+        torch.testing.assert_close(got[precision].double(), want, atol=1e-5, rtol=1e-5, msg=precision)
+    torch.testing.assert_close(got["medium"].double(), want, atol=1e-2, rtol=1e-2)
+    assert not torch.equal(got["medium"], got["highest"]), "medium precision should round the dots' inputs to TF32"
+
+
+@pytest.mark.gpu
+def test_gpu_triton_shapes_share_compiled_kernels():
+    """The gather and scatter kernels do not specialise on shape integers (N, C, H, W, pooled sizes):
+    shapes that differ only in those (strides kept 16-aligned, which stay specialised; block sizes
+    equal) compile each kernel at most once."""
+    from fastseg.triton_kernels import roi_align as tk
+
+    kernels = (tk._roi_gather_kernel, tk._roi_scatter_kernel)
+    device = torch.cuda.current_device()
+    try:
+        before = [set(k.device_caches[device][0]) for k in kernels]
+    except (AttributeError, IndexError, KeyError, TypeError) as e:
+        pytest.skip(f"this Triton keeps its kernel cache elsewhere ({e!r})")
+    for n, c, h, ph in ((1, 5, 16, 7), (2, 16, 17, 14), (3, 17, 33, 16), (1, 4, 48, 9)):
+        feats = torch.randn(n, c, h, 16, device="cuda", requires_grad=True)
+        xy = torch.rand(5, 2, device="cuda") * 8
+        wh = 4 + torch.rand(5, 2, device="cuda") * 20
+        rois = torch.cat([torch.randint(0, n, (5, 1), device="cuda").float(), xy, xy + wh], dim=1)
+        out = ops.roi_align(feats, rois, (ph, 16), spatial_scale=0.5, aligned=True, backend="triton")
+        torch.autograd.grad(out, feats, torch.randn_like(out))
+    new = [len(set(k.device_caches[device][0]) - b) for k, b in zip(kernels, before, strict=True)]
+    assert new[0] <= 1 and new[1] <= 1, f"new compiled variants (gather, scatter): {new}"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torchvision
-from conftest import assert_matches_reference
+from conftest import TOL, assert_matches_reference
 
 from fastseg.ops import _reference
 
@@ -337,3 +337,110 @@ def test_float16_ratio_rule(mode):
     grad = torch.randn_like(ref)
     g, g64, g16 = (torch.autograd.grad(o, t, grad.to(o.dtype))[0] for o, t in ((up, m), (ref, m64), (ref16, m16)))
     assert_matches_reference(g, g64, g16, name=f"grad roi_maps ({mode})")
+
+
+def integer_boxes(k: int, size: tuple[int, int], out: tuple[int, int], scale: float, seed: int) -> torch.Tensor:
+    """[k, 5] RoIs whose feature-space heights and widths are exact multiples (1 to 4) of the pooled
+    size, at integer feature coordinates (some partly outside the map), given in image coordinates:
+    bins of whole pixels, where ceil(roi / pooled) must come out exact."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(k):
+        box = [0.0]
+        ends = []
+        for length, pooled in ((size[1], out[1]), (size[0], out[0])):  # x, then y
+            extent = pooled * int(torch.randint(1, 5, (1,), generator=g))
+            start = int(torch.randint(-2, max(-1, length - extent + 3), (1,), generator=g))
+            box.append(start / scale)
+            ends.append((start + extent) / scale)
+        rows.append(box + ends)
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("scale", [1.0, 0.5, 0.25, 0.125])
+def test_roi_align_integer_boxes_match_torchvision(scale, aligned):
+    """Bins of exactly m pixels (adaptive grid of m samples): the sample count and positions are
+    torchvision's, forward and input gradient. (Here the divisions are numpy's, IEEE either way; the
+    gpu-marked twin in test_roi_align.py checks the compiled kernel, whose plain `/` is not.)"""
+    from fastseg.triton_kernels import roi_align as tk
+
+    out_size = (7, 5)
+    torch.manual_seed(11)
+    feats = torch.randn(1, 2, 31, 29)
+    rois = integer_boxes(10, (31, 29), out_size, scale, seed=int(1 / scale) + 100 * aligned)
+    x = feats.clone().requires_grad_(True)
+    x64 = feats.double().requires_grad_(True)
+    out = tk.roi_align(x, rois, *out_size, scale, -1, aligned)
+    want = torchvision.ops.roi_align(x64, rois.double(), out_size, spatial_scale=scale, sampling_ratio=-1,
+                                     aligned=aligned)
+    assert_matches_reference(out, want, name="out vs torchvision")
+    grad = torch.randn_like(want)
+    (g,) = torch.autograd.grad(out, x, grad.float())
+    (g64,) = torch.autograd.grad(want, x64, grad)
+    assert_matches_reference(g, g64, name="grad features vs torchvision")
+
+
+def test_float16_large_values_do_not_overflow():
+    """fp16 features of magnitude 2e4..3e4 and adaptive grids of 4 to 10 samples per bin: the row band
+    T = X A_x^T is rounded to fp16 for the second dot, so A_x must carry its 1 / grid_w (unnormalised
+    rows would put grid_w * |x| > 65504 there: inf). Compared with torchvision in float64 at the fp16
+    tolerance scaled to the data's magnitude (the fp16 PyTorch reference overflows itself)."""
+    from fastseg.triton_kernels import roi_align as tk
+
+    torch.manual_seed(5)
+    mag = torch.empty(1, 2, 32, 32).uniform_(2e4, 3e4)
+    sign = torch.ones_like(mag)
+    sign[:, 1] = torch.randint(0, 2, (32, 32)).float() * 2 - 1  # channel 0 all positive: no cancellation
+    feats = (mag * sign).half()
+    xy = torch.rand(6, 2) * 6
+    wh = 12 + torch.rand(6, 2) * 18  # bins of 4 to 10 pixels: adaptive grids of 4 to 10 samples
+    rois = torch.cat([torch.zeros(6, 1), xy, xy + wh], dim=1)
+    for aligned in (False, True):
+        out = tk.roi_align(feats, rois, 3, 3, 1.0, -1, aligned)
+        want = torchvision.ops.roi_align(feats.double(), rois.double(), (3, 3), spatial_scale=1.0,
+                                         sampling_ratio=-1, aligned=aligned)
+        assert out.dtype == torch.float16 and torch.isfinite(out).all(), f"aligned={aligned}: inf in the output"
+        atol, rtol = TOL[torch.float16]
+        torch.testing.assert_close(out.double() / 3e4, want / 3e4, atol=atol, rtol=rtol,
+                                   msg=lambda m, a=aligned: f"aligned={a}: {m}")
+
+
+@pytest.mark.parametrize("matmul_precision, expected", [("highest", "ieee"), ("high", "tf32x3"), ("medium", "tf32")])
+def test_fp32_dot_precision_follows_torch(monkeypatch, matmul_precision, expected):
+    """The gather and scatter dots of fp32 data take torch.get_float32_matmul_precision() (fp16 data:
+    Triton's default "tf32", which fp16 operands ignore). The interpreter computes every dot in fp32
+    whatever the precision, so this checks what the launchers pass."""
+    from fastseg.triton_kernels import roi_align as tk
+
+    seen: dict[str, list[str]] = {}
+    launchable = tk._kernel
+
+    def spy(fn):
+        launch = launchable(fn)
+
+        class Grid:
+            def __getitem__(self, grid):
+                def run(*args, **kwargs):
+                    if "PRECISION" in kwargs:
+                        seen.setdefault(fn.__name__, []).append(kwargs["PRECISION"])
+                    return launch[grid](*args, **kwargs)
+                return run
+        return Grid()
+
+    monkeypatch.setattr(tk, "_kernel", spy)
+    case = CASES[1]
+    feats, rois = sample_inputs(case)
+    maps = torch.randn(case.k, case.c, *case.out)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(matmul_precision)
+    try:
+        out = tk.roi_align(feats, rois, *case.out, *_args(case))
+        up = tk.roi_upsample(maps, rois, case.n, case.h, case.w, *_args(case), "aunet")
+        tk.roi_align(feats.half(), rois, *case.out, *_args(case))
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert seen == {"_roi_gather_kernel": [expected, "tf32"], "_roi_scatter_kernel": [expected]}
+    assert_matches_reference(out, _reference.roi_align(feats.double(), rois.double(), case.out, **_kw(case)))
+    assert_matches_reference(up, _reference.roi_upsample(maps.double(), rois.double(), (case.h, case.w),
+                                                         batch_size=case.n, **_kw(case)))

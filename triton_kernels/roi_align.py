@@ -8,13 +8,16 @@ channel plane X [H, W], with the per-axis interpolation matrices A_y [ph, H] and
 * scatter: roi_upsample(G)[n] = sum_k A_y^T G[k] A_x  (roi_upsample, and roi_align's backward)
 
 The normalisation is part of the tables: "count" (roi_align / mode "adjoint") scales A_y by
-1 / max(grid_h * grid_w, 1); "aunet" scales each sample's per-axis weights by 1 / (w_low^2 +
-w_high^2) and has no /count. So one gather and one scatter kernel serve all four ops:
+1 / grid_h and A_x by 1 / grid_w (together 1 / count; per axis, so that the intermediate T = X A_x^T
+stays within the data's range, which fp16 needs); "aunet" scales each sample's per-axis weights by
+1 / (w_low^2 + w_high^2) and has no /count. So one gather and one scatter kernel serve all four ops:
 
 * ``_roi_axis_table_kernel`` (a program per RoI, once per axis): the fp32 table
   A [K, pooled, length] of one axis (zero-initialised, only the RoI's pixel extent written) and the
   extent [lo, hi) of pixels that the RoI's valid samples touch (int32 [K, 4]: lo_y, hi_y, lo_x,
-  hi_x). Geometry in fp32 whatever the data dtype.
+  hi_x). Geometry in fp32 whatever the data dtype, every division IEEE-rounded (``tl.div_rn``;
+  a compiled ``/`` is not, and ceil(roi_h / pooled_h) of an exact multiple could gain a sample), in
+  torchvision's order of operations.
 * ``_roi_gather_kernel``: a program per (RoI k, BLOCK_C channels) walks the RoI's extent in
   BLOCK_Y x BLOCK_X tiles: T = X[(c, y), x] @ A_x^T[x, q] over the x tiles of a row band, then
   acc[(q, c), p] += T^T[(q, c), y] @ A_y^T[y, p] (T^T reshaped: no permute of channels), fp32
@@ -43,11 +46,14 @@ RoIs whose batch index (truncated toward zero, as torchvision reads it) lies out
 not read: roi_align gives zeros for them and roi_upsample drops them (the public API rejects them
 before they get here).
 
-Dtypes: float32, float16 and bfloat16 on CUDA (fp32 accumulation; exact fp32 ``tl.dot`` for fp32
-data, the tables and the intermediate T / U rounded to the data dtype for the dots otherwise;
-output in the data dtype); float32 (and float16) under ``TRITON_INTERPRET=1`` on CPU tensors. Under CUDA autocast
-the public functions follow torchvision's roi_align policy: compute in float32, return in the
-input's dtype.
+Dtypes: float32, float16 and bfloat16 on CUDA (fp32 accumulation; for fp32 data the dots follow
+``torch.get_float32_matmul_precision()`` like PyTorch's matmuls: the default "highest" is exact fp32,
+"high" tf32x3, "medium" tf32; for fp16 / bf16 the tables and the intermediate T / U are rounded to
+the data dtype for the dots; output in the data dtype); float32 (and float16) under
+``TRITON_INTERPRET=1`` on CPU tensors. Under CUDA autocast the public functions follow torchvision's
+roi_align policy: compute in float32, return in the input's dtype.
+
+Launches run on the inputs' device and its current stream, whatever device is current.
 """
 
 
@@ -55,9 +61,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
-from fastseg.triton_kernels._common import check_dtype, interpreting, pow2
+from fastseg.triton_kernels._common import check_dtype, dot_precision, on_device, pow2
+from fastseg.triton_kernels._common import kernel as _kernel
 
 __all__ = ["roi_align", "roi_upsample"]
 
@@ -67,19 +73,11 @@ _MODES = ("adjoint", "aunet")
 
 
 @triton.jit
-def _mma(a, b, acc, IEEE: tl.constexpr):
-    """acc + a @ b with fp32 accumulation; IEEE: exact fp32 products (no TF32)."""
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
-
-
-@triton.jit
-def _sample_tap(base, step, i, length, AUNET: tl.constexpr):
-    """Bilinear tap of sample i of every bin along one axis (torchvision's rules): base [BLOCK_P]
-    is each bin's start, step = bin / grid. Returns (low, high, w_low, w_high, valid)."""
-    v = base + (i + 0.5) * step
+def _sample_tap(base, bin_, grid, i, length, AUNET: tl.constexpr):
+    """Bilinear tap of sample i of every bin along one axis (torchvision's rules and order of
+    operations): base [BLOCK_P] is each bin's start, grid (fp32, >= 1) the samples per bin.
+    Returns (low, high, w_low, w_high, valid)."""
+    v = base + tl.div_rn((i + 0.5) * bin_, grid)
     valid = (v >= -1.0) & (v <= length)
     v = tl.minimum(tl.maximum(v, 0.0), length + 0.0)  # the upper clamp only keeps invalid taps in range
     low = v.to(tl.int32)  # v >= 0: truncation is floor
@@ -89,7 +87,7 @@ def _sample_tap(base, step, i, length, AUNET: tl.constexpr):
     w_high = tl.where(at_end, 0.0, v - low.to(tl.float32))
     w_low = 1.0 - w_high
     if AUNET:
-        s = 1.0 / (w_low * w_low + w_high * w_high)  # >= 1/2: never 0
+        s = tl.div_rn(1.0, w_low * w_low + w_high * w_high)  # >= 1/2: never 0
         w_low = w_low * s
         w_high = w_high * s
     return low, high, w_low, w_high, valid
@@ -103,7 +101,7 @@ def _roi_axis_table_kernel(
     spatial_scale, sampling_ratio, pooled_h, pooled_w, length,
     AXIS: tl.constexpr,  # 0: rows (y, A_y [K, pooled_h, H]), 1: columns (x, A_x [K, pooled_w, W])
     ALIGNED: tl.constexpr,  # shift by half a pixel, no size clamp
-    AUNET: tl.constexpr,  # per-sample 1 / sum(w^2) weights; otherwise 1 / count folded into A_y
+    AUNET: tl.constexpr,  # per-sample 1 / sum(w^2) weights; otherwise 1 / grid of this axis folded in
     BLOCK_P: tl.constexpr,  # pooled size padded to a power of two
     BLOCK_L: tl.constexpr,  # pixels per chunk of the table row
 ):
@@ -123,36 +121,31 @@ def _roi_axis_table_kernel(
     if not ALIGNED:  # legacy RoIAlign: malformed RoIs are forced to 1 x 1
         roi_w = tl.maximum(roi_w, 1.0)
         roi_h = tl.maximum(roi_h, 1.0)
-    bin_h = roi_h / pooled_h
-    bin_w = roi_w / pooled_w
-    grid_h = tl.where(sampling_ratio > 0, sampling_ratio, tl.ceil(bin_h).to(tl.int32))
-    grid_w = tl.where(sampling_ratio > 0, sampling_ratio, tl.ceil(bin_w).to(tl.int32))
-    count = tl.maximum(grid_h * grid_w, 1).to(tl.float32)
     if AXIS == 0:
         start = y1
-        bin_ = bin_h
-        grid = grid_h
+        roi_len = roi_h
         pooled = pooled_h
     else:
         start = x1
-        bin_ = bin_w
-        grid = grid_w
+        roi_len = roi_w
         pooled = pooled_w
+    bin_ = tl.div_rn(roi_len, pooled.to(tl.float32))
+    grid = tl.where(sampling_ratio > 0, sampling_ratio, tl.ceil(bin_).to(tl.int32))
     grid = tl.maximum(grid, 0)  # an inverted aligned RoI: no samples
+    grid_f = tl.maximum(grid, 1).to(tl.float32)
     scale = 1.0
-    if not AUNET and AXIS == 0:
-        scale = 1.0 / count
+    if not AUNET:  # 1 / count = 1 / grid_h * 1 / grid_w, one factor per axis
+        scale = tl.div_rn(1.0, grid_f)
 
     offs_p = tl.arange(0, BLOCK_P)
     mask_p = offs_p < pooled
     base = start + offs_p.to(tl.float32) * bin_
-    step = bin_ / tl.maximum(grid, 1).to(tl.float32)
 
     # The pixel extent of the valid taps (samples may run backwards: take both ends).
     lo = tl.full((BLOCK_P,), length, dtype=tl.int32)
     hi = tl.zeros((BLOCK_P,), dtype=tl.int32)
     for i in range(0, grid):
-        low, high, w_low, w_high, valid = _sample_tap(base, step, i, length, AUNET)
+        low, high, w_low, w_high, valid = _sample_tap(base, bin_, grid_f, i, length, AUNET)
         valid = valid & mask_p
         lo = tl.minimum(lo, tl.where(valid, low, length))
         hi = tl.maximum(hi, tl.where(valid, high + 1, 0))
@@ -170,7 +163,7 @@ def _roi_axis_table_kernel(
         offs_l = l0 + tl.arange(0, BLOCK_L)
         rows = tl.zeros((BLOCK_P, BLOCK_L), dtype=tl.float32)
         for i in range(0, grid):
-            low, high, w_low, w_high, valid = _sample_tap(base, step, i, length, AUNET)
+            low, high, w_low, w_high, valid = _sample_tap(base, bin_, grid_f, i, length, AUNET)
             w_low = tl.where(valid, w_low, 0.0)
             w_high = tl.where(valid, w_high, 0.0)
             rows += tl.where(offs_l[None, :] == low[:, None], w_low[:, None], 0.0)
@@ -178,7 +171,9 @@ def _roi_axis_table_kernel(
         tl.store(row_ptrs + offs_l[None, :], rows * scale, mask=mask_p[:, None] & (offs_l < ext_hi)[None, :])
 
 
-@triton.jit
+# Shapes are not specialised (== 1 / % 16): one compiled variant serves every image, channel count
+# and output size. The strides are, so that unit-stride rows load as vectors.
+@triton.jit(do_not_specialize=["N", "C", "H", "W", "ph", "pw"])
 def _roi_gather_kernel(
     x_ptr,  # [N, C, H, W], strides (sxn, sxc, sxh, sxw) in elements: any memory format
     ty_ptr,  # [K, ph, H] fp32 contiguous: A_y
@@ -188,7 +183,7 @@ def _roi_gather_kernel(
     out_ptr,  # [K, C, ph, pw] contiguous, strides (C*ph*pw, ph*pw, pw, 1); dtype of x
     N, C, H, W, ph, pw,
     sxn, sxc, sxh, sxw,
-    IEEE: tl.constexpr,  # fp32 data: exact fp32 dots
+    PRECISION: tl.constexpr,  # input_precision of tl.dot: dot_precision(dtype)
     BLOCK_C: tl.constexpr,  # channels per program
     BLOCK_PH: tl.constexpr,  # ph padded to a power of two >= 16
     BLOCK_PW: tl.constexpr,  # pw padded to a power of two >= 16
@@ -227,12 +222,12 @@ def _roi_gather_kernel(
                          mask=mask_r[:, None] & mask_x[None, :], other=0.0)  # [BLOCK_C * BLOCK_Y, BLOCK_X]
             axt = tl.load(tx_cols + xs[:, None], mask=mask_x[:, None] & (offs_q < pw)[None, :],
                           other=0.0)  # [BLOCK_X, BLOCK_PW]
-            t = _mma(xt, axt.to(dt), t, IEEE)
+            t = tl.dot(xt, axt.to(dt), t, input_precision=PRECISION)
         yy = y0 + tl.arange(0, BLOCK_Y)
         ayt = tl.load(ty_cols + yy[:, None], mask=(yy < hi_y)[:, None] & (offs_p < ph)[None, :],
                       other=0.0)  # [BLOCK_Y, BLOCK_PH]
         tt = tl.reshape(tl.trans(t), (BLOCK_PW * BLOCK_C, BLOCK_Y))  # rows (q, c)
-        acc = _mma(tt.to(dt), ayt.to(dt), acc, IEEE)
+        acc = tl.dot(tt.to(dt), ayt.to(dt), acc, input_precision=PRECISION)
 
     offs_o = tl.arange(0, BLOCK_PW * BLOCK_C)
     oq = offs_o // BLOCK_C
@@ -242,7 +237,7 @@ def _roi_gather_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "H", "W", "ph", "pw"])  # as the gather
 def _roi_scatter_kernel(
     g_ptr,  # [K, C, ph, pw], strides (sgk, sgc, sgh, sgw) in elements: any memory format
     ty_ptr,  # [K, ph, H] fp32 contiguous: A_y
@@ -253,7 +248,7 @@ def _roi_scatter_kernel(
     out_ptr,  # [N, C, H, W] contiguous, strides (C*H*W, H*W, W, 1); dtype of g
     C, H, W, ph, pw,
     sgk, sgc, sgh, sgw,
-    IEEE: tl.constexpr,  # fp32 data: exact fp32 dots
+    PRECISION: tl.constexpr,  # input_precision of tl.dot: dot_precision(dtype)
     BLOCK_C: tl.constexpr,  # channels per program
     BLOCK_PH: tl.constexpr,  # ph padded to a power of two >= 16
     BLOCK_PW: tl.constexpr,  # pw padded to a power of two >= 16
@@ -296,11 +291,12 @@ def _roi_scatter_kernel(
                         mask=mask_r[:, None] & (offs_q < pw)[None, :], other=0.0)  # [BLOCK_C * BLOCK_PH, BLOCK_PW]
             ax = tl.load(tx_ptr + k * pw * W + offs_q[:, None] * W + xs[None, :], mask=mask_ax,
                          other=0.0)  # [BLOCK_PW, TILE_W]
-            u = _mma(g, ax.to(dt), tl.zeros((BLOCK_C * BLOCK_PH, TILE_W), dtype=tl.float32), IEEE)
+            u = tl.dot(g, ax.to(dt), tl.zeros((BLOCK_C * BLOCK_PH, TILE_W), dtype=tl.float32),
+                       input_precision=PRECISION)
             ay = tl.load(ty_ptr + k * ph * H + offs_p[:, None] * H + ys[None, :], mask=mask_ay,
                          other=0.0)  # [BLOCK_PH, TILE_H]
             ut = tl.reshape(tl.trans(u), (TILE_W * BLOCK_C, BLOCK_PH))  # rows (x, c)
-            acc = _mma(ut.to(dt), ay.to(dt), acc, IEEE)
+            acc = tl.dot(ut.to(dt), ay.to(dt), acc, input_precision=PRECISION)
 
     offs_o = tl.arange(0, TILE_W * BLOCK_C)
     ox = x0 + offs_o // BLOCK_C
@@ -318,18 +314,15 @@ def _blocks(C: int, ph: int, pw: int) -> dict[str, int]:
     so the pooled sizes are padded to powers of two >= 16 (7 -> 16, 14 -> 16, 28 -> 32); the channel
     blocks keep the fp32 accumulators at <= 2048 (gather) / 4096 (scatter) elements.
 
-    Compiled ahead of time for sm_90 (Triton 3.8, ptxas -v, no GPU run): no register spills for
-    7x7, 14x14 and 28x28 maps in fp32, fp16 and bf16 (115 to 168 registers per thread)."""
+    Compiled ahead of time for sm_90 (Triton 3.6 and 3.8, ptxas -v, no GPU run) for 7x7, 14x14 and
+    28x28 maps: 115 to 255 registers per thread, no spills except the 28x28 fp32 "ieee" gather (12
+    bytes with Triton 3.8, 24 with 3.6)."""
     bph, bpw = pow2(ph, 16, 1 << 20), pow2(pw, 16, 1 << 20)
     block_y, block_x, tile = 16, 32, 32
     gather_c = pow2(C, 1, max(1, min(4, 2048 // (bph * bpw))))
     scatter_c = pow2(C, 1, max(1, min(4, 4096 // max(bph * bpw, bph * tile, tile * tile))))
     return dict(BLOCK_PH=bph, BLOCK_PW=bpw, BLOCK_Y=block_y, BLOCK_X=block_x, GATHER_C=gather_c,
                 TILE_H=tile, TILE_W=tile, SCATTER_C=scatter_c, WARPS=4 if bph * bpw <= 256 else 8)
-
-
-def _kernel(fn):
-    return fn if interpreting() else wrap_triton(fn)
 
 
 def _roi_tables(rois: Tensor, pooled_h: int, pooled_w: int, height: int, width: int, spatial_scale: float,
@@ -373,7 +366,7 @@ def _launch_roi_gather(x: Tensor, rois: Tensor, pooled_h: int, pooled_w: int, sp
         x, ty, tx, ext, batch, out,
         N, C, H, W, pooled_h, pooled_w,
         *_strides(x),
-        IEEE=x.dtype == torch.float32,
+        PRECISION=dot_precision(x.dtype),
         BLOCK_C=bs["GATHER_C"], BLOCK_PH=bs["BLOCK_PH"], BLOCK_PW=bs["BLOCK_PW"],
         BLOCK_Y=bs["BLOCK_Y"], BLOCK_X=bs["BLOCK_X"], num_warps=bs["WARPS"],
     )
@@ -400,7 +393,7 @@ def _launch_roi_scatter(g: Tensor, rois: Tensor, batch_size: int, height: int, w
         g, ty, tx, ext, order, start, out,
         C, height, width, ph, pw,
         *_strides(g),
-        IEEE=g.dtype == torch.float32,
+        PRECISION=dot_precision(g.dtype),
         BLOCK_C=bs["SCATTER_C"], BLOCK_PH=bs["BLOCK_PH"], BLOCK_PW=bs["BLOCK_PW"],
         TILE_H=bs["TILE_H"], TILE_W=bs["TILE_W"], num_warps=bs["WARPS"],
     )
@@ -431,7 +424,8 @@ def _aunet(mode: str) -> bool:
 def _roi_align_triton(features: Tensor, rois: Tensor, pooled_h: int, pooled_w: int, spatial_scale: float,
                       sampling_ratio: int, aligned: bool) -> Tensor:
     _check("roi_align", "features", features, rois)
-    return _launch_roi_gather(features, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, False)
+    with on_device(features):
+        return _launch_roi_gather(features, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, False)
 
 
 @torch.library.triton_op("fastseg::_roi_align_triton_backward", mutates_args=())
@@ -439,7 +433,9 @@ def _roi_align_triton_backward(grad: Tensor, rois: Tensor, batch_size: int, heig
                                spatial_scale: float, sampling_ratio: int, aligned: bool) -> Tensor:
     """grad of features [batch_size, C, height, width]: the scatter with count normalisation."""
     _check("roi_align", "grad", grad, rois)
-    return _launch_roi_scatter(grad, rois, batch_size, height, width, spatial_scale, sampling_ratio, aligned, False)
+    with on_device(grad):
+        return _launch_roi_scatter(grad, rois, batch_size, height, width, spatial_scale, sampling_ratio, aligned,
+                                   False)
 
 
 @torch.library.triton_op("fastseg::roi_upsample_triton", mutates_args=())
@@ -448,8 +444,10 @@ def _roi_upsample_triton(roi_maps: Tensor, rois: Tensor, batch_size: int, height
     _check("roi_upsample", "roi_maps", roi_maps, rois)
     if roi_maps.shape[0] != rois.shape[0]:
         raise ValueError(f"roi_upsample: roi_maps has {roi_maps.shape[0]} maps but rois has {rois.shape[0]} boxes")
-    return _launch_roi_scatter(roi_maps, rois, batch_size, height, width, spatial_scale, sampling_ratio, aligned,
-                               _aunet(mode))
+    aunet = _aunet(mode)
+    with on_device(roi_maps):
+        return _launch_roi_scatter(roi_maps, rois, batch_size, height, width, spatial_scale, sampling_ratio, aligned,
+                                   aunet)
 
 
 @torch.library.triton_op("fastseg::_roi_upsample_triton_backward", mutates_args=())
@@ -457,7 +455,9 @@ def _roi_upsample_triton_backward(grad: Tensor, rois: Tensor, pooled_h: int, poo
                                   sampling_ratio: int, aligned: bool, mode: str) -> Tensor:
     """grad of roi_maps [K, C, pooled_h, pooled_w]: the gather with mode's normalisation."""
     _check("roi_upsample", "grad", grad, rois)
-    return _launch_roi_gather(grad, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, _aunet(mode))
+    aunet = _aunet(mode)
+    with on_device(grad):
+        return _launch_roi_gather(grad, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, aunet)
 
 
 # Autograd: each op's backward is the other op of its pair with the same geometry (the maps are
