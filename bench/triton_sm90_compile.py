@@ -226,8 +226,9 @@ def main(argv: list[str]) -> int:
             bad.append("spills in a default GPU configuration")
         failures += bool(bad)
         tag = "FAIL " if bad else ("spill" if r["spill_bytes"] else "ok   ")
-        print(f"{tag} [{r['source']}] {r['name']} {r['dtype']} {consts} warps={r['warps']}: {r['registers']} registers, "
-              f"{r['spill_bytes']} B spilled, {r['shared_bytes']} B shared{'; ' + '; '.join(bad) if bad else ''}")
+        print(f"{tag} [{r['source']}] {r['name']} {r['dtype']} {consts} warps={r['warps']}: "
+              f"{r['registers']} registers, {r['spill_bytes']} B spilled, {r['shared_bytes']} B shared"
+              + "".join("; " + b for b in bad))
     per_kernel: dict[str, list[dict]] = {}
     for r in results:
         per_kernel.setdefault(r["name"], []).append(r)

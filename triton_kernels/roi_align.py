@@ -309,17 +309,19 @@ def _roi_scatter_kernel(
 # ---- launchers (allocate outputs, pick block sizes) -------------------------------------------
 
 
-def _blocks(C: int, ph: int, pw: int) -> dict[str, int]:
+def _blocks(C: int, ph: int, pw: int, dtype: torch.dtype = torch.float16) -> dict[str, int]:
     """Block sizes of the gather and scatter kernels. tl.dot needs every dimension >= 16 on a GPU,
     so the pooled sizes are padded to powers of two >= 16 (7 -> 16, 14 -> 16, 28 -> 32); the channel
-    blocks keep the fp32 accumulators at <= 2048 (gather) / 4096 (scatter) elements.
+    blocks keep the fp32 accumulators at <= 2048 (gather; 1024 for fp32 data, whose exact "ieee" dots
+    need more registers) / 4096 (scatter) elements.
 
-    Compiled ahead of time for sm_90 (Triton 3.6 and 3.8, ptxas -v, no GPU run) for 7x7, 14x14 and
-    28x28 maps: 115 to 255 registers per thread, no spills except the 28x28 fp32 "ieee" gather (12
-    bytes with Triton 3.8, 24 with 3.6)."""
+    Compiled for sm_90a (Triton 3.6 and 3.8, bench/triton_sm90_compile.py, no GPU run) at the
+    benchmark's 7x7, 14x14 and 28x28 maps in fp32, fp16 and bf16: no spills (the 28x28 fp32 gather
+    spilled 24-32 bytes with two channels per program)."""
     bph, bpw = pow2(ph, 16, 1 << 20), pow2(pw, 16, 1 << 20)
     block_y, block_x, tile = 16, 32, 32
-    gather_c = pow2(C, 1, max(1, min(4, 2048 // (bph * bpw))))
+    gather_budget = 1024 if dtype == torch.float32 else 2048
+    gather_c = pow2(C, 1, max(1, min(4, gather_budget // (bph * bpw))))
     scatter_c = pow2(C, 1, max(1, min(4, 4096 // max(bph * bpw, bph * tile, tile * tile))))
     return dict(BLOCK_PH=bph, BLOCK_PW=bpw, BLOCK_Y=block_y, BLOCK_X=block_x, GATHER_C=gather_c,
                 TILE_H=tile, TILE_W=tile, SCATTER_C=scatter_c, WARPS=4 if bph * bpw <= 256 else 8)
@@ -361,7 +363,7 @@ def _launch_roi_gather(x: Tensor, rois: Tensor, pooled_h: int, pooled_w: int, sp
     ty, tx, ext = _roi_tables(rois, pooled_h, pooled_w, H, W, spatial_scale, sampling_ratio, aligned, aunet)
     batch = rois[:, 0].to(torch.int64).contiguous()  # truncation toward zero, as torchvision reads it
     out = torch.empty((K, C, pooled_h, pooled_w), device=x.device, dtype=x.dtype)
-    bs = blocks or _blocks(C, pooled_h, pooled_w)
+    bs = blocks or _blocks(C, pooled_h, pooled_w, x.dtype)
     _kernel(_roi_gather_kernel)[(K, triton.cdiv(C, bs["GATHER_C"]))](
         x, ty, tx, ext, batch, out,
         N, C, H, W, pooled_h, pooled_w,
@@ -387,7 +389,7 @@ def _launch_roi_scatter(g: Tensor, rois: Tensor, batch_size: int, height: int, w
     order = torch.argsort(batch, stable=True)
     start = torch.searchsorted(batch[order].contiguous(), torch.arange(N + 1, device=g.device, dtype=torch.int64))
     out = torch.empty((N, C, height, width), device=g.device, dtype=g.dtype)
-    bs = blocks or _blocks(C, ph, pw)
+    bs = blocks or _blocks(C, ph, pw, g.dtype)
     tiles = triton.cdiv(height, bs["TILE_H"]) * triton.cdiv(width, bs["TILE_W"])
     _kernel(_roi_scatter_kernel)[(N * tiles, triton.cdiv(C, bs["SCATTER_C"]))](
         g, ty, tx, ext, order, start, out,
