@@ -125,3 +125,80 @@ def test_compile_fullgraph_cpu():
 def test_bad_input(backend, name, x, kwargs, match):
     with pytest.raises(ValueError, match=match):
         ops.channel_attention(x, **kwargs, backend=backend)
+
+
+# ---- Triton on a GPU: devices, split Grams, layouts, fp32 precision, opcheck / compile -----------------
+
+
+def _relayout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as channels_last (H and W still collapse: hw_offsets' FLAT path) or as the first
+    W columns of a wider map (they do not: the general path)."""
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    wide = t.new_empty(*t.shape[:3], t.shape[3] + 3)
+    wide[..., :t.shape[3]] = t
+    return wide[..., :t.shape[3]]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2,
+                    reason="needs two CUDA devices (inputs on cuda:1 while cuda:0 is current)")
+def test_triton_gpu_on_a_device_that_is_not_current():
+    """Triton launches on the current device and stream: the op must switch to its input's device."""
+    with torch.cuda.device(0):
+        check(CASES[4], "triton", "cuda:1", torch.float32)
+        check(CASES[4], "triton", "cuda:1", torch.float16)
+        assert torch.cuda.current_device() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [Case(1, 512, 64, 64, std=0.1), Case(1, 2048, 9, 7, std=0.1)], ids=str)
+def test_triton_gpu_danet_sizes(case, dtype):
+    """DANet's C = 512 at N = 64 x 64 (the Gram split over N into partial Grams) and C = 2048."""
+    check(case, "triton", "cuda", dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["channels_last", "cropped"])
+def test_triton_gpu_layouts(layout, dtype):
+    (x,), _ = sample_inputs(Case(2, 70, 13, 11), "cuda", dtype)
+    check_forward_backward(lambda x: ops.channel_attention(x, backend="triton"), _reference.channel_attention,
+                           [_relayout(x, layout).requires_grad_(True)], ["x"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision,tol", [("high", 1e-4), ("medium", 2e-2)])
+def test_triton_gpu_float32_matmul_precision(precision, tol):
+    """fp32 dots follow torch.get_float32_matmul_precision(): 3xTF32 ("high") stays close to fp32, TF32
+    ("medium") within its 10-bit mantissa. Errors relative to each tensor's largest magnitude."""
+    (x,), _ = sample_inputs(Case(2, 70, 9, 11, std=0.3), "cuda", torch.float32, requires_grad=True)
+    x64 = x.detach().double().requires_grad_(True)
+    ref = _reference.channel_attention(x64)
+    grad = torch.randn_like(ref)
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision(precision)
+        out = ops.channel_attention(x, backend="triton")
+        got = [out, *torch.autograd.grad(out, (x,), grad.float())]
+    finally:
+        torch.set_float32_matmul_precision(old)
+    want = [ref, *torch.autograd.grad(ref, (x64,), grad)]
+    for name, g, w in zip(["out", "grad x"], got, want, strict=True):
+        err = (g.double() - w).abs().max().item()
+        assert err <= tol * w.abs().max().item(), f"{name}: {err:.3g}"
+
+
+@pytest.mark.gpu
+def test_triton_gpu_opcheck_and_compile():
+    (x,), _ = sample_inputs(CASES[4], "cuda", torch.float32, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastseg.channel_attention_triton.default, (x,))
+    torch.library.opcheck(torch.ops.fastseg._channel_attention_triton_backward.default,
+                          (torch.randn_like(x), x.detach()))
+
+    def f(x):
+        return ops.channel_attention(x, backend="triton") * 2
+
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x))

@@ -171,3 +171,88 @@ def test_bad_input_reaches_cpp_checks():
     with pytest.raises(RuntimeError, match="spatial"):
         torch.ops.fastseg.position_attention(torch.randn(1, 4, 5, 6), torch.randn(1, 4, 5, 6),
                                              torch.randn(1, 7, 6, 5))
+
+
+# ---- Triton on a GPU: devices, key widths, layouts, fp32 precision, opcheck / compile -----------------
+
+
+def _relayout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as channels_last (H and W still collapse: hw_offsets' FLAT path) or as the first
+    W columns of a wider map (they do not: the general path)."""
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    wide = t.new_empty(*t.shape[:3], t.shape[3] + 3)
+    wide[..., :t.shape[3]] = t
+    return wide[..., :t.shape[3]]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2,
+                    reason="needs two CUDA devices (inputs on cuda:1 while cuda:0 is current)")
+def test_triton_gpu_on_a_device_that_is_not_current():
+    """Triton launches on the current device and stream: the op must switch to its inputs' device."""
+    with torch.cuda.device(0):
+        check(CASES[4], "triton", "cuda:1", torch.float32)
+        check(CASES[4], "triton", "cuda:1", torch.float16)
+        assert torch.cuda.current_device() == 0
+
+
+# Ck = 512: BLOCK_D once grew with Ck (~224 KB of shared memory in fp16, out of resources on sm_90);
+# now 64-wide chunks, streamed. Ck = 130: a ragged last chunk. C = 2048: 32 dP chunks.
+WIDE = [Case(1, 512, 512, 9, 7, std=0.5), Case(2, 512, 2048, 5, 3, std=0.5, epilogue="both"),
+        Case(1, 130, 70, 11, 13, std=0.5)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", WIDE, ids=str)
+def test_triton_gpu_wide_key_width(case, dtype):
+    check(case, "triton", "cuda", dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["channels_last", "cropped"])
+def test_triton_gpu_layouts(layout, dtype):
+    case = Case(2, 64, 70, 13, 11, std=0.5)
+    args, _ = sample_inputs(case, "cuda", dtype)
+    leaves = [_relayout(t, layout).requires_grad_(True) for t in args]
+    check_forward_backward(lambda q, k, v: ops.position_attention(q, k, v, backend="triton"),
+                           _reference.position_attention, leaves, ["q", "k", "v"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision,tol", [("high", 1e-4), ("medium", 2e-2)])
+def test_triton_gpu_float32_matmul_precision(precision, tol):
+    """fp32 dots follow torch.get_float32_matmul_precision(): 3xTF32 ("high") stays close to fp32, TF32
+    ("medium") within its 10-bit mantissa. Errors relative to each tensor's largest magnitude."""
+    args, _ = sample_inputs(Case(2, 64, 70, 9, 11, std=0.5), "cuda", torch.float32, requires_grad=True)
+    args64 = [t.detach().double().requires_grad_(True) for t in args]
+    ref = _reference.position_attention(*args64)
+    grad = torch.randn_like(ref)
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision(precision)
+        out = ops.position_attention(*args, backend="triton")
+        got = [out, *torch.autograd.grad(out, args, grad.float())]
+    finally:
+        torch.set_float32_matmul_precision(old)
+    want = [ref, *torch.autograd.grad(ref, args64, grad)]
+    for name, g, w in zip(["out", "grad q", "grad k", "grad v"], got, want, strict=True):
+        err = (g.double() - w).abs().max().item()
+        assert err <= tol * w.abs().max().item(), f"{name}: {err:.3g}"
+
+
+@pytest.mark.gpu
+def test_triton_gpu_opcheck_and_compile():
+    args, _ = sample_inputs(CASES[0], "cuda", torch.float32, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastseg.position_attention_triton.default, tuple(args))
+    out, lse = torch.ops.fastseg.position_attention_triton(*[a.detach() for a in args])
+    torch.library.opcheck(torch.ops.fastseg._position_attention_triton_backward.default,
+                          (torch.randn_like(out), *[a.detach() for a in args], out, lse))
+
+    def f(q, k, v):
+        return ops.position_attention(q, k, v, backend="triton").relu()
+
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(*args), f(*args))

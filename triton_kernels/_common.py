@@ -6,7 +6,7 @@ import os
 
 import torch
 import triton
-import triton.language as tl  # noqa: F401  (the interpreter needs tl in a jit function's globals)
+import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
@@ -54,8 +54,22 @@ def check_dtype(op: str, name: str, t: Tensor) -> None:
         raise ValueError(f"the triton backend of {op} supports float32, float16 and bfloat16 {name}, got {t.dtype}")
 
 
+def hw_flat(t: Tensor) -> bool:
+    """hw_offsets' FLAT path: H and W of t [B, C, H, W] collapse into one axis of stride t.stride(3)."""
+    return t.shape[2] == 1 or t.stride(2) == t.shape[3] * t.stride(3)
+
+
 @triton.jit
-def hw_offsets(offs, W, s_h, s_w):
+def hw_offsets(offs, W, s_h, s_w, FLAT: tl.constexpr):
     """Element offsets of the flattened positions ``offs`` (n = h * W + w) in a tensor whose H and W
-    strides are (s_h, s_w): any memory format, no copy."""
-    return (offs // W) * s_h + (offs % W) * s_w
+    strides are (s_h, s_w): any memory format, no copy.
+
+    FLAT: the launcher found that H and W collapse into one axis (s_h == W * s_w, or H == 1), as in
+    NCHW-contiguous and channels_last tensors: the offset is offs * s_w. Without the // and % by a
+    runtime W, unit-stride rows (s_w == 1, specialised by the JIT) load as vectors whatever W is
+    (DANet's maps are 65, 97, 129 wide); the general path's contiguity is provable only for a W
+    specialised as a multiple of 16."""
+    if FLAT:
+        return offs * s_w
+    else:
+        return (offs // W) * s_h + (offs % W) * s_w

@@ -7,7 +7,10 @@ out = A X [B, C, H, W]. E is only C x C (C = 512 in DANet) and is materialised i
 Forward, three kernels:
 
 * ``_channel_attention_gram_kernel``: E = P Q^T over the long N dimension (here P = Q = x, so only
-  the tiles on and above the diagonal are computed, each stored twice);
+  the tiles on and above the diagonal are computed, each stored twice). C x C has few tiles (36 on
+  and above the diagonal at C = 512), so N is also split over programs (GRAM_SPLITS chunks of
+  positions, up to about GRAM_PROGRAMS programs in all): each writes a partial Gram
+  [splits, B, C, C] fp32 and the partials are summed over the splits in a fixed order (no atomics);
 * ``_channel_attention_softmax_kernel``: A = softmax(-E) row by row (online row minimum and sum,
   then one normalising pass), in place;
 * ``_channel_attention_matmul_kernel``: out = A X (optionally + A2 X2), a [C, C] x [C, N] product.
@@ -17,11 +20,15 @@ dA = dOut X^T (the Gram kernel with P = dOut, Q = x), dS = A * (dA - rowsum(dA *
 M = dE + dE^T = -(dS + dS^T) in torch (C x C, fp32), then dX = A^T dOut + M X in one launch of the
 product kernel (A^T is a strided view: no copy). No atomics: deterministic.
 
-Dtypes: float32, float16 and bfloat16 on CUDA. The Gram products take fp16/bf16 operands as they
-are (fp32 accumulation), fp32 operands with exact fp32 dots; the C x C factors stay fp32, and the
-products with them use exact fp32 dots for fp32 x and TF32 otherwise (fp32 range, 10-bit mantissa:
-no fp16 overflow of the backward's M, better than rounding A to bf16). float32 under
-``TRITON_INTERPRET=1`` on CPU tensors.
+Dtypes: float32, float16 and bfloat16 on CUDA, fp32 accumulation. Every dot takes
+``input_precision=dot_precision(x.dtype)``: for float32 x that follows
+``torch.get_float32_matmul_precision()`` as PyTorch's own matmuls do ("highest", PyTorch's default:
+exact fp32; "high": 3xTF32; "medium": TF32). The Gram products take fp16 / bf16 operands as they
+are. The C x C factors stay fp32 and the products with them take x upcast to fp32: TF32 for fp16 /
+bf16 x (fp32 range, 10-bit mantissa: no fp16 overflow of the backward's M, better than rounding A to
+bf16). float32 under ``TRITON_INTERPRET=1`` on CPU tensors.
+
+Launches run on the input's device and its current stream, whatever device is current.
 """
 
 
@@ -29,30 +36,37 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
-from fastseg.triton_kernels._common import check_dtype, hw_offsets, interpreting, pow2
+from fastseg.triton_kernels._common import check_dtype, dot_precision, hw_flat, hw_offsets, on_device, pow2
+from fastseg.triton_kernels._common import kernel as _kernel
 
 __all__ = ["channel_attention"]
 
 # ---- kernels ---------------------------------------------------------------------------------
 
 
-@triton.jit
+# B and W are not specialised (== 1 / % 16): they only offset the partial Grams and feed the general
+# hw_offsets path. The strides, N, chunk and C are: they bound the masks along the contiguous axis
+# (positions, or channels for channels_last), whose divisibility decides vector loads and cp.async
+# pipelining, and the strides already carry their divisibility (no extra variants).
+@triton.jit(do_not_specialize=["B", "W"])
 def _channel_attention_gram_kernel(
     p_ptr,  # [B, C, H, W], strides (spb, spc, sph, spw) in elements, any memory format
     q_ptr,  # [B, C, H, W], strides (sqb, sqc, sqh, sqw); dtype of p (the same tensor when SYMMETRIC)
-    e_ptr,  # [B, C, C] fp32 contiguous, strides (C*C, C, 1): e[b, i, j] = sum_n p[b, i, n] q[b, j, n]
-    C, W, N,
+    e_ptr,  # [S, B, C, C] fp32 contiguous, strides (B*C*C, C*C, C, 1): the partial Gram of split s,
+    #         e[s, b, i, j] = sum over n in [s * chunk, (s + 1) * chunk) of p[b, i, n] q[b, j, n]
+    B, C, W, N, chunk,  # chunk: positions per split, a multiple of BLOCK_K
     spb, spc, sph, spw,
     sqb, sqc, sqh, sqw,
+    P_FLAT: tl.constexpr, Q_FLAT: tl.constexpr,  # H, W collapse (hw_offsets)
     SYMMETRIC: tl.constexpr,  # p is q: compute the tiles with tile_j >= tile_i, store each twice
-    IEEE: tl.constexpr,  # fp32 inputs: exact fp32 dots
+    PRECISION: tl.constexpr,  # input_precision of tl.dot: dot_precision(dtype)
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,  # E tile (BLOCK_I == BLOCK_J when SYMMETRIC)
     BLOCK_K: tl.constexpr,  # positions per step
 ):
     pid_i = tl.program_id(0)  # over B * cdiv(C, BLOCK_I)
     pid_j = tl.program_id(1)  # over cdiv(C, BLOCK_J)
+    pid_s = tl.program_id(2)  # over the splits S = cdiv(N, chunk)
     tiles = tl.cdiv(C, BLOCK_I)
     b = (pid_i // tiles).to(tl.int64)
     tile_i = pid_i % tiles
@@ -64,24 +78,22 @@ def _channel_attention_gram_kernel(
         keep = pid_j >= tile_i  # below the diagonal: the mirror tile stores this one
     else:
         keep = pid_j >= 0
-    n_end = tl.where(keep, N, 0)
+    n_lo = pid_s * chunk
+    n_end = tl.where(keep, tl.minimum(n_lo + chunk, N), n_lo)
 
     p_base = p_ptr + b * spb + offs_i[:, None] * spc  # [BLOCK_I, 1]
     q_base = q_ptr + b * sqb + offs_j[None, :] * sqc  # [1, BLOCK_J]
     acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
-    for k0 in range(0, n_end, BLOCK_K):
+    for k0 in range(n_lo, n_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < N
-        p = tl.load(p_base + hw_offsets(offs_k, W, sph, spw)[None, :],
+        mask_k = offs_k < N  # chunk is a multiple of BLOCK_K: no step runs into the next split
+        p = tl.load(p_base + hw_offsets(offs_k, W, sph, spw, P_FLAT)[None, :],
                     mask=mask_i[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_I, BLOCK_K]
-        qt = tl.load(q_base + hw_offsets(offs_k, W, sqh, sqw)[:, None],
+        qt = tl.load(q_base + hw_offsets(offs_k, W, sqh, sqw, Q_FLAT)[:, None],
                      mask=mask_k[:, None] & mask_j[None, :], other=0.0)  # [BLOCK_K, BLOCK_J]
-        if IEEE:
-            acc = tl.dot(p, qt, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(p, qt, acc)
+        acc = tl.dot(p, qt, acc, input_precision=PRECISION)
 
-    e_base = e_ptr + b * C * C
+    e_base = e_ptr + (pid_s * B + b) * C * C
     mask = mask_i[:, None] & mask_j[None, :] & keep
     tl.store(e_base + offs_i[:, None] * C + offs_j[None, :], acc, mask=mask)
     if SYMMETRIC:
@@ -89,7 +101,8 @@ def _channel_attention_gram_kernel(
         tl.store(e_base + offs_j[None, :] * C + offs_i[:, None], acc, mask=mask)
 
 
-@triton.jit
+# C stays specialised here: it is the row stride of E, whose rows load as vectors when C % 16 == 0.
+@triton.jit(do_not_specialize=["R"])
 def _channel_attention_softmax_kernel(
     e_ptr,  # [B, C, C] fp32 contiguous, strides (C*C, C, 1): energies
     a_ptr,  # [B, C, C] fp32 contiguous, strides (C*C, C, 1): softmax(-E) by rows; may be e_ptr (in place)
@@ -122,7 +135,7 @@ def _channel_attention_softmax_kernel(
         tl.store(a_rows + offs[None, :], tl.exp(m[:, None] - e) * inv[:, None], mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["W"])  # as the Gram; C also bounds the rows of the fp32 factors
 def _channel_attention_matmul_kernel(
     l_ptr,  # [B, C, C] fp32, strides (slb, sli, slk): left factor (A, or A^T as a strided view)
     r_ptr,  # [B, C, H, W], strides (srb, src, srh, srw), any memory format
@@ -134,8 +147,9 @@ def _channel_attention_matmul_kernel(
     srb, src, srh, srw,
     sl2b, sl2i, sl2k,
     sr2b, sr2c, sr2h, sr2w,
+    R_FLAT: tl.constexpr, R2_FLAT: tl.constexpr,  # H, W collapse (hw_offsets)
     TWO: tl.constexpr,  # add the second product
-    IEEE: tl.constexpr,  # fp32 inputs: exact fp32 dots; otherwise TF32 with r upcast to fp32
+    PRECISION: tl.constexpr,  # input_precision of tl.dot: dot_precision(dtype of r); r upcast to fp32
     BLOCK_I: tl.constexpr,  # output channels per program
     BLOCK_J: tl.constexpr,  # positions per program
     BLOCK_K: tl.constexpr,  # reduction channels per step
@@ -150,26 +164,20 @@ def _channel_attention_matmul_kernel(
     mask_i = offs_i < C
 
     l_base = l_ptr + b * slb + offs_i[:, None] * sli  # [BLOCK_I, 1]
-    r_base = r_ptr + b * srb + hw_offsets(offs_j, W, srh, srw)[None, :]  # [1, BLOCK_J]
+    r_base = r_ptr + b * srb + hw_offsets(offs_j, W, srh, srw, R_FLAT)[None, :]  # [1, BLOCK_J]
     l2_base = l2_ptr + b * sl2b + offs_i[:, None] * sl2i
-    r2_base = r2_ptr + b * sr2b + hw_offsets(offs_j, W, sr2h, sr2w)[None, :]
+    r2_base = r2_ptr + b * sr2b + hw_offsets(offs_j, W, sr2h, sr2w, R2_FLAT)[None, :]
     acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
     for k0 in range(0, C, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < C
         lt = tl.load(l_base + offs_k[None, :] * slk, mask=mask_i[:, None] & mask_k[None, :], other=0.0)
         rt = tl.load(r_base + offs_k[:, None] * src, mask=mask_k[:, None] & mask_j[None, :], other=0.0)
-        if IEEE:
-            acc = tl.dot(lt, rt, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(lt, rt.to(tl.float32), acc, input_precision="tf32")
+        acc = tl.dot(lt, rt.to(tl.float32), acc, input_precision=PRECISION)
         if TWO:
             lt2 = tl.load(l2_base + offs_k[None, :] * sl2k, mask=mask_i[:, None] & mask_k[None, :], other=0.0)
             rt2 = tl.load(r2_base + offs_k[:, None] * sr2c, mask=mask_k[:, None] & mask_j[None, :], other=0.0)
-            if IEEE:
-                acc = tl.dot(lt2, rt2, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(lt2, rt2.to(tl.float32), acc, input_precision="tf32")
+            acc = tl.dot(lt2, rt2.to(tl.float32), acc, input_precision=PRECISION)
 
     out_ptrs = out_ptr + b * C * N + offs_i[:, None] * N + offs_j[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_i[:, None] & mask_j[None, :])
@@ -182,14 +190,18 @@ def _blocks(C: int, N: int, dtype: torch.dtype) -> dict[str, int]:
     """Block sizes and launch settings of all CAM kernels (tl.dot needs every dimension >= 16 on a
     GPU; exact fp32 dots run on the CUDA cores, so fp32 gets smaller tiles).
 
-    GRAM: E tile GRAM x GRAM, GRAM_K positions per step; MM_I x MM_J output tile of the product,
-    MM_K channels per step; SM_R rows x SM_C columns per softmax step. Checked with ptxas for sm_90
-    (Triton 3.8): no register spills; at most 104 KiB of shared memory (the two-term TF32 product)."""
+    GRAM: E tile GRAM x GRAM, GRAM_K positions per step; N split so that the Gram launch has about
+    GRAM_PROGRAMS programs (2 to 4 waves on 132 SMs; fixed, so that results do not depend on the
+    device), with at least GRAM_MIN_N positions per split. MM_I x MM_J output tile of the product,
+    MM_K channels per step; SM_R rows x SM_C columns per softmax step. Checked with ptxas for sm_90a
+    (Triton 3.6) at C = 512 and 2048, every dtype and fp32 precision: no register spills, at most
+    120 KiB of shared memory (the two-term TF32 product)."""
+    split = dict(GRAM_PROGRAMS=512, GRAM_MIN_N=512)
     if dtype == torch.float32:
-        return dict(GRAM=pow2(C, 16, 64), GRAM_K=pow2(N, 16, 32), GRAM_WARPS=8, GRAM_STAGES=2,
+        return dict(GRAM=pow2(C, 16, 64), GRAM_K=pow2(N, 16, 32), GRAM_WARPS=8, GRAM_STAGES=2, **split,
                     MM_I=pow2(C, 16, 64), MM_J=pow2(N, 16, 64), MM_K=pow2(C, 16, 16),
-                    MM_WARPS=4, MM_STAGES=2, SM_R=4, SM_C=pow2(C, 16, 512))
-    return dict(GRAM=pow2(C, 16, 64), GRAM_K=pow2(N, 16, 64), GRAM_WARPS=8, GRAM_STAGES=3,
+                    MM_WARPS=8, MM_STAGES=2, SM_R=4, SM_C=pow2(C, 16, 512))
+    return dict(GRAM=pow2(C, 16, 64), GRAM_K=pow2(N, 16, 64), GRAM_WARPS=8, GRAM_STAGES=3, **split,
                 MM_I=pow2(C, 16, 128), MM_J=pow2(N, 16, 64), MM_K=pow2(C, 16, 32),
                 MM_WARPS=8, MM_STAGES=3, SM_R=4, SM_C=pow2(C, 16, 512))
 
@@ -198,26 +210,38 @@ def _strides(t: Tensor) -> tuple[int, ...]:
     return tuple(t.stride())
 
 
+def _gram_split(B: int, C: int, N: int, symmetric: bool, bs: dict[str, int]) -> tuple[int, int]:
+    """(splits, chunk): N cut into splits chunks of chunk positions (whole GRAM_K steps), so that the
+    Gram launch has about GRAM_PROGRAMS working programs, each over >= GRAM_MIN_N positions."""
+    tiles = triton.cdiv(C, bs["GRAM"])
+    programs = B * (tiles * (tiles + 1) // 2 if symmetric else tiles * tiles)
+    splits = max(1, min(triton.cdiv(bs["GRAM_PROGRAMS"], programs), N // bs["GRAM_MIN_N"]))
+    chunk = triton.cdiv(triton.cdiv(N, splits), bs["GRAM_K"]) * bs["GRAM_K"]
+    return triton.cdiv(N, chunk), chunk
+
+
 def _launch_gram(p: Tensor, q: Tensor, bs: dict[str, int]) -> Tensor:
-    """E [B, C, C] fp32 with E[b, i, j] = sum_n p[b, i, n] q[b, j, n]; p, q [B, C, H, W], any strides."""
+    """E [B, C, C] fp32 contiguous with E[b, i, j] = sum_n p[b, i, n] q[b, j, n]; p, q [B, C, H, W],
+    any strides. Deterministic: the partial Grams of the N splits are summed in a fixed order."""
     B, C, H, W = p.shape
     N = H * W
     if B * C == 0:
         return torch.empty((B, C, C), device=p.device, dtype=torch.float32)
     if N == 0:
         return torch.zeros((B, C, C), device=p.device, dtype=torch.float32)
-    e = torch.empty((B, C, C), device=p.device, dtype=torch.float32)
-    grid = (B * triton.cdiv(C, bs["GRAM"]), triton.cdiv(C, bs["GRAM"]))
-    kernel = _channel_attention_gram_kernel if interpreting() else wrap_triton(_channel_attention_gram_kernel)
-    kernel[grid](
+    symmetric = p is q
+    tiles = triton.cdiv(C, bs["GRAM"])
+    splits, chunk = _gram_split(B, C, N, symmetric, bs)
+    e = torch.empty((splits, B, C, C), device=p.device, dtype=torch.float32)
+    _kernel(_channel_attention_gram_kernel)[(B * tiles, tiles, splits)](
         p, q, e,
-        C, W, N,
+        B, C, W, N, chunk,
         *_strides(p), *_strides(q),
-        SYMMETRIC=p is q, IEEE=p.dtype == torch.float32,
+        P_FLAT=hw_flat(p), Q_FLAT=hw_flat(q), SYMMETRIC=symmetric, PRECISION=dot_precision(p.dtype),
         BLOCK_I=bs["GRAM"], BLOCK_J=bs["GRAM"], BLOCK_K=bs["GRAM_K"],
         num_warps=bs["GRAM_WARPS"], num_stages=bs["GRAM_STAGES"],
     )
-    return e
+    return e[0] if splits == 1 else e.sum(dim=0)
 
 
 def _launch_softmax_(e: Tensor, bs: dict[str, int]) -> Tensor:
@@ -226,8 +250,7 @@ def _launch_softmax_(e: Tensor, bs: dict[str, int]) -> Tensor:
     if e.numel() == 0:
         return e
     R = B * C
-    kernel = _channel_attention_softmax_kernel if interpreting() else wrap_triton(_channel_attention_softmax_kernel)
-    kernel[(triton.cdiv(R, bs["SM_R"]),)](
+    _kernel(_channel_attention_softmax_kernel)[(triton.cdiv(R, bs["SM_R"]),)](
         e, e, R, C, BLOCK_R=bs["SM_R"], BLOCK_C=bs["SM_C"], num_warps=4,
     )
     return e
@@ -246,12 +269,11 @@ def _launch_matmul(lhs: Tensor, rhs: Tensor, bs: dict[str, int], lhs2: Tensor | 
     if not two:
         lhs2, rhs2 = lhs, rhs  # stand-ins, never read
     grid = (B * triton.cdiv(N, bs["MM_J"]), triton.cdiv(C, bs["MM_I"]))
-    kernel = _channel_attention_matmul_kernel if interpreting() else wrap_triton(_channel_attention_matmul_kernel)
-    kernel[grid](
+    _kernel(_channel_attention_matmul_kernel)[grid](
         lhs, rhs, lhs2, rhs2, out,
         C, W, N,
         *_strides(lhs), *_strides(rhs), *_strides(lhs2), *_strides(rhs2),
-        TWO=two, IEEE=rhs.dtype == torch.float32,
+        R_FLAT=hw_flat(rhs), R2_FLAT=hw_flat(rhs2), TWO=two, PRECISION=dot_precision(rhs.dtype),
         BLOCK_I=bs["MM_I"], BLOCK_J=bs["MM_J"], BLOCK_K=bs["MM_K"],
         num_warps=bs["MM_WARPS"], num_stages=bs["MM_STAGES"],
     )
@@ -295,7 +317,8 @@ def _check(x: Tensor) -> None:
 @torch.library.triton_op("fastseg::channel_attention_triton", mutates_args=())
 def _channel_attention_triton(x: Tensor) -> Tensor:
     _check(x)
-    return _launch_channel_attention_fwd(x)
+    with on_device(x):
+        return _launch_channel_attention_fwd(x)
 
 
 @torch.library.triton_op("fastseg::_channel_attention_triton_backward", mutates_args=())
@@ -303,7 +326,7 @@ def _channel_attention_triton_backward(grad_out: Tensor, x: Tensor) -> Tensor:
     """grad of x for out = channel_attention(x) (A recomputed from x)."""
     _check(x)
     # fp32 C x C algebra, even if the caller runs backward inside an autocast region.
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    with on_device(x), torch.autocast(device_type=x.device.type, enabled=False):
         return _launch_channel_attention_bwd(grad_out.to(x.dtype), x)
 
 
