@@ -281,3 +281,52 @@ def test_cuda_backend_without_gpu_says_why():
     args, kwargs = sample_inputs(CASES[0], "cpu", torch.float32)
     with pytest.raises(ops.BackendUnavailableError, match="cuda"):
         ops.separable_conv2d(*args, **kwargs, backend="cuda")
+
+
+# ---- triton backend on a GPU: devices, fp32 dot precision, output-channel groups -------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (inputs on cuda:1, cuda:0 current)")
+def test_triton_on_non_default_device():
+    """Triton launches on the current device: the op must switch to the inputs' device."""
+    with torch.cuda.device(0):
+        check_forward_backward(CASES[1], "triton", "cuda:1", torch.float32)
+        check_forward_backward(CASES[0], "triton", "cuda:1", torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_triton_fp32_dot_follows_matmul_precision():
+    """"highest" is exact fp32 (as the table needs); "medium" is TF32, so it differs from it."""
+    case = Case(2, 40, 37, 9, 11, dilation=2)
+    torch.manual_seed(0)
+    args, kwargs = sample_inputs(case, "cuda", torch.float32)
+    ref = _reference.separable_conv2d(*as_double(args, kwargs)[0], **as_double(args, kwargs)[1])
+    old = torch.get_float32_matmul_precision()
+    outs = {}
+    try:
+        for precision in ("highest", "high", "medium"):
+            torch.set_float32_matmul_precision(precision)
+            outs[precision] = ops.separable_conv2d(*args, **kwargs, backend="triton")
+    finally:
+        torch.set_float32_matmul_precision(old)
+    assert_matches_reference(outs["highest"], ref)
+    assert_matches_reference(outs["high"], ref)  # tf32x3: about fp32's accuracy
+    torch.testing.assert_close(outs["medium"].double(), ref, atol=1e-2, rtol=1e-2)
+    assert not torch.equal(outs["medium"], outs["highest"])
+
+
+# O above one 256-channel group and not a multiple of it (k = 3 and 5, stride 2, dilation), and
+# batch 1 at 17x17 with 2048 outputs (the launcher's fill rule: 16-pixel tiles, 8+ groups).
+WIDE_GPU = [
+    Case(2, 24, 300, 13, 11, stride=2, dilation=2),
+    Case(1, 19, 600, 10, 9, k=5, dilation=3, affine="pw", layout="channels_last"),
+    Case(1, 64, 2048, 17, 17),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", WIDE_GPU, ids=[str(c) for c in WIDE_GPU])
+def test_triton_wide_output_gpu(case, dtype):
+    check_forward_backward(case, "triton", "cuda", dtype)

@@ -1,19 +1,40 @@
 """Triton backend of fastseg::separable_conv2d.
 
 Forward: one fused kernel, ``_separable_conv2d_fwd_kernel``. A program owns BLOCK_P output pixels
-of one image and BLOCK_O output channels; it walks the input channels BLOCK_C at a time, builds the
-depthwise [BLOCK_C, BLOCK_P] block in registers (``_depthwise_tile``), applies the depthwise affine
-(+ReLU) and feeds it to ``tl.dot`` with the [BLOCK_O, BLOCK_C] pointwise tile, accumulating in fp32.
-The [N, C, Ho, Wo] depthwise intermediate is never written to memory.
+of one image and BLOCK_O output channels (up to 256, all of them for most layers); it walks
+the input channels BLOCK_C at a time, builds the depthwise [BLOCK_C, BLOCK_P] block in registers
+(``_depthwise_tile``), applies the depthwise affine (+ReLU) and feeds it to one ``tl.dot`` with the
+[BLOCK_O, BLOCK_C] pointwise tile, accumulating in fp32. The [N, C, Ho, Wo] depthwise intermediate
+is never written to memory.
+
+The depthwise stage runs on CUDA cores (about five instructions per tap and element) and, next to
+the tensor-core dot, is the costly part, so a program serves as many output channels as it can from
+one depthwise block: its BLOCK_O rows are the output-channel tiles of a loop over O, held as one
+accumulator (Triton keeps no variable number of accumulators). The accumulator is capped at 8192
+fp32 (32 KB per CTA, two 64x64 tiles: 32 registers a thread at 8 warps), so BLOCK_O = 256 comes with
+BLOCK_P = 32 and 128 with 64 (16 pixels at k > 3, where the k*k tap loads take the registers). Wider
+O is cut into ceil(OC / BLOCK_O) groups that each recompute the depthwise block (3x at OC = 728, 8x
+at 2048). The grid is 1-D with the output-channel group fastest: the programs that share a pixel
+tile run together and read its depthwise input from L2. When the grid would not fill the GPU
+(batch 1 at 33x33), the pixel tile shrinks to 16 first, then the groups to 64 channels (recomputing
+is cheaper than idle SMs). The exact-fp32 dot runs on CUDA cores and outweighs the depthwise work:
+it keeps to 128 x 32 tiles.
 
 Backward (op ``fastseg::_separable_conv2d_triton_backward``): the composite of
 csrc/ops/separable_conv2d.cpp. The depthwise stage is recomputed with ``_depthwise_fwd_kernel``,
 the pointwise GEMMs are ``torch.matmul`` in fp32, and the depthwise input / weight gradients come
 from ``_depthwise_bwd_input_kernel`` (a gather: no atomics) and ``_depthwise_bwd_weight_kernel``
-(fixed-order reductions: deterministic).
+(a program per BLOCK_C channels and fixed slice of the N*Ho*Wo pixels, all k*k taps in one pass
+over the gradient, partial sums added in a fixed order: deterministic, no atomics).
 
 Dtypes: float32, float16 and bfloat16 on CUDA (fp32 accumulation everywhere); float32 under
-``TRITON_INTERPRET=1`` on CPU tensors.
+``TRITON_INTERPRET=1`` on CPU tensors. For float32, the forward's ``tl.dot`` follows
+``torch.get_float32_matmul_precision()`` as PyTorch's matmuls (and so the backward's) do: the
+default "highest" is exact fp32 ("ieee", as before), "high" is tf32x3, "medium" tf32.
+
+Launches run on the input's device and its current stream, whatever device is current. Shape
+integers are not specialised (one compile serves every size); the memory strides are, so that a
+unit stride is known to the compiler.
 """
 
 
@@ -21,14 +42,18 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
-from fastseg.triton_kernels._common import check_dtype, interpreting, pow2
+from fastseg.triton_kernels._common import check_dtype, dot_precision, kernel, on_device, pow2
 
 from fastseg.ops._autograd import register_separable_conv2d_autograd
 from fastseg.ops._reference import conv_out_size
 
 __all__ = ["separable_conv2d"]
+
+# Shape integers (and the conv geometry, a few values each) are runtime values: specialising them
+# (== 1, % 16) would compile a variant per layer shape for no gain, since the flattened pixel index
+# hides contiguity from the compiler anyway. Memory strides stay specialised (stride 1 is known).
+_GEOMETRY = ["stride", "pad_beg", "dilation"]
 
 # ---- kernels ---------------------------------------------------------------------------------
 
@@ -40,7 +65,7 @@ def _depthwise_tile(
     n,  # image index (int64)
     offs_c,  # [BLOCK_C] channel indices (int64)
     mask_c,  # [BLOCK_C]
-    offs_p,  # [BLOCK_P] flattened output pixel indices oh * Wo + ow
+    offs_p,  # [BLOCK_P] flattened output pixel indices oh * Wo + ow (int32)
     mask_p,  # [BLOCK_P]
     H, W, Wo,
     sxn, sxc, sxh, sxw,
@@ -67,7 +92,7 @@ def _depthwise_tile(
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "OC", "H", "W", "Wo", "P"] + _GEOMETRY)
 def _separable_conv2d_fwd_kernel(
     x_ptr,  # [N, C, H, W], strides (sxn, sxc, sxh, sxw): any memory format, no copy
     dw_ptr,  # [C, 1, K, K], strides (swc, -, swh, sww)
@@ -85,14 +110,18 @@ def _separable_conv2d_fwd_kernel(
     K: tl.constexpr,
     HAS_DS: tl.constexpr, HAS_DH: tl.constexpr, DW_RELU: tl.constexpr,
     HAS_PS: tl.constexpr, HAS_PH: tl.constexpr, RELU: tl.constexpr,
-    IEEE: tl.constexpr,  # fp32 inputs: exact fp32 dot (no TF32)
+    PRECISION: tl.constexpr,  # tl.dot input_precision ("ieee" = exact fp32; ignored for fp16 / bf16)
     BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)  # over N * cdiv(P, BLOCK_P)
-    pid_o = tl.program_id(1)  # over cdiv(OC, BLOCK_O)
+    # 1-D grid over N * cdiv(P, BLOCK_P) * cdiv(OC, BLOCK_O), output-channel group fastest: the
+    # programs that recompute the same depthwise block are adjacent and find its input in L2.
+    pid = tl.program_id(0)
+    groups = tl.cdiv(OC, BLOCK_O)
     tiles = tl.cdiv(P, BLOCK_P)
-    n = (pid_p // tiles).to(tl.int64)
-    offs_p = (pid_p % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pid_o = pid % groups
+    pid_np = pid // groups
+    n = (pid_np // tiles).to(tl.int64)
+    offs_p = (pid_np % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < P
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     mask_o = offs_o < OC
@@ -101,6 +130,7 @@ def _separable_conv2d_fwd_kernel(
     for c0 in range(0, C, BLOCK_C):
         offs_c = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
         mask_c = offs_c < C
+        # Computed once per channel chunk, used by all BLOCK_O output channels.
         y = _depthwise_tile(x_ptr, dw_ptr, n, offs_c, mask_c, offs_p, mask_p, H, W, Wo,
                             sxn, sxc, sxh, sxw, swc, swh, sww, stride, pad_beg, dilation, K, BLOCK_C, BLOCK_P)
         if HAS_DS:
@@ -112,10 +142,7 @@ def _separable_conv2d_fwd_kernel(
         # Padded channels meet zero columns of the pw tile: they add nothing.
         pw = tl.load(pw_ptr + offs_o[:, None] * spo + offs_c[None, :] * spc,
                      mask=mask_o[:, None] & mask_c[None, :], other=0.0)
-        if IEEE:
-            acc = tl.dot(pw, y, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(pw, y.to(pw.dtype), acc)
+        acc = tl.dot(pw, y.to(pw.dtype), acc, input_precision=PRECISION)
 
     if HAS_PS:
         acc = acc * tl.load(ps_ptr + offs_o, mask=mask_o, other=0.0)[:, None]
@@ -127,7 +154,7 @@ def _separable_conv2d_fwd_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_o[:, None] & mask_p[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "H", "W", "Wo", "P"] + _GEOMETRY)
 def _depthwise_fwd_kernel(
     x_ptr,  # [N, C, H, W], strides (sxn, sxc, sxh, sxw), any float dtype
     w_ptr,  # [C, 1, K, K], strides (swc, -, swh, sww)
@@ -152,7 +179,7 @@ def _depthwise_fwd_kernel(
     tl.store(out_ptrs, a, mask=mask_c[:, None] & mask_p[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "H", "W", "Ho", "Wo"] + _GEOMETRY)
 def _depthwise_bwd_input_kernel(
     g_ptr,  # [N, C, Ho, Wo] fp32 contiguous grad of the depthwise output, strides (C*Ho*Wo, Ho*Wo, Wo, 1)
     w_ptr,  # [C, 1, K, K], strides (swc, -, swh, sww)
@@ -196,48 +223,85 @@ def _depthwise_bwd_input_kernel(
     tl.store(gx_ptrs, acc, mask=mask_c[:, None] & mask_p[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "H", "W", "Wo", "P", "tiles", "chunk"] + _GEOMETRY)
 def _depthwise_bwd_weight_kernel(
     g_ptr,  # [N, C, Ho, Wo] fp32 contiguous grad of the depthwise output, strides (C*P, P, Wo, 1)
     x_ptr,  # [N, C, H, W], strides (sxn, sxc, sxh, sxw), any float dtype
     part_ptr,  # [SPLIT, C, K*K] fp32 contiguous partial sums, strides (C*K*K, K*K, 1)
-    C, H, W, Wo, P, NP, chunk,  # NP = N * P; each split reduces `chunk` (a multiple of BLOCK_P) of it
+    C, H, W, Wo, P,
+    tiles, chunk,  # tiles = N * cdiv(P, BLOCK_P) pixel tiles; split s reduces tiles [s*chunk, (s+1)*chunk)
     sxn, sxc, sxh, sxw,
     stride, pad_beg, dilation,
-    K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    K: tl.constexpr, KK: tl.constexpr,  # KK: K*K rounded up to a power of two
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """grad w[c, i, j] = sum over (n, oh, ow) of g[n, c, oh, ow] * x[n, c, oh*s - pb + i*d, ow*s - pb + j*d],
-    one program per (channel block, tap, split), in a fixed order (deterministic)."""
+    """grad w[c, i, j] = sum over (n, oh, ow) of g[n, c, oh, ow] * x[n, c, oh*s - pb + i*d, ow*s - pb + j*d].
+
+    A program per (BLOCK_C channels, split): each gradient tile is read once and meets all k*k taps
+    (a [BLOCK_C, KK, BLOCK_P] accumulator, taps on the middle axis); reduced over pixels at the end,
+    in a fixed order (deterministic). Pixel indices are int32, divided once per tile, not per tap."""
     pid_c = tl.program_id(0)  # over cdiv(C, BLOCK_C)
-    tap = tl.program_id(1)  # over K * K
-    pid_s = tl.program_id(2)  # over SPLIT
-    ti = tap // K
-    tj = tap % K
+    pid_s = tl.program_id(1)  # over SPLIT
     offs_c = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     mask_c = offs_c < C
-    acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
-    start = pid_s.to(tl.int64) * chunk
-    end = tl.minimum(start + chunk, NP)
-    for q0 in range(start, end, BLOCK_P):
-        q = q0 + tl.arange(0, BLOCK_P)
-        mask_q = q < end
-        n = q // P
-        p = q % P
+    tap = tl.arange(0, KK)
+    mask_t = tap < K * K
+    di = (tap // K) * dilation - pad_beg  # [KK] row / column offset of each tap
+    dj = (tap % K) * dilation - pad_beg
+    per_image = tl.cdiv(P, BLOCK_P)
+    acc = tl.zeros((BLOCK_C, KK, BLOCK_P), dtype=tl.float32)
+    start = pid_s * chunk
+    for t in range(start, tl.minimum(start + chunk, tiles)):
+        n = t // per_image  # scalar
+        p = (t - n * per_image) * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_p = p < P
         oh = p // Wo
-        ow = p % Wo
-        ih = oh * stride - pad_beg + ti * dilation
-        iw = ow * stride - pad_beg + tj * dilation
-        mx = mask_q & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        gv = tl.load(g_ptr + offs_c[:, None] * P + (n * C * P + p)[None, :],
-                     mask=mask_c[:, None] & mask_q[None, :], other=0.0)
-        xv = tl.load(x_ptr + offs_c[:, None] * sxc + (n * sxn + ih * sxh + iw * sxw)[None, :],
-                     mask=mask_c[:, None] & mx[None, :], other=0.0)
-        acc += gv * xv.to(tl.float32)
-    total = tl.sum(acc, axis=1)
-    tl.store(part_ptr + (pid_s * C + offs_c) * (K * K) + tap, total, mask=mask_c)
+        ow = p - oh * Wo
+        ih = (oh * stride)[None, :] + di[:, None]  # [KK, BLOCK_P]
+        iw = (ow * stride)[None, :] + dj[:, None]
+        mx = mask_t[:, None] & mask_p[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        n64 = n.to(tl.int64)
+        gv = tl.load(g_ptr + ((n64 * C + offs_c) * P)[:, None] + p[None, :],
+                     mask=mask_c[:, None] & mask_p[None, :], other=0.0)  # [BLOCK_C, BLOCK_P]
+        xv = tl.load(x_ptr + (n64 * sxn + offs_c * sxc)[:, None, None] + (ih * sxh + iw * sxw)[None, :, :],
+                     mask=mask_c[:, None, None] & mx[None, :, :], other=0.0)  # [BLOCK_C, KK, BLOCK_P]
+        acc += gv[:, None, :] * xv.to(tl.float32)
+    total = tl.sum(acc, axis=2)  # [BLOCK_C, KK]
+    ptrs = part_ptr + (pid_s * C + offs_c)[:, None] * (K * K) + tap[None, :]
+    tl.store(ptrs, total, mask=mask_c[:, None] & mask_t[None, :])
 
 
 # ---- launchers (allocate outputs, pick block sizes) -------------------------------------------
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _fwd_config(N: int, OC: int, P: int, k: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Launch parameters of the fused forward (the choice is explained in the module docstring).
+
+    tl.dot needs every dimension >= 16. Registers (ptxas -v for sm_90a, Triton 3.6, k = 3) are set
+    by the k*k tap loads of the [BLOCK_C, BLOCK_P] depthwise block, which the compiler issues all at
+    once, plus the accumulator: 2 depthwise elements a thread per tap at 8 warps and BLOCK_P = 32
+    (256 x 32: 150-200 registers; 128 x 64: 210), so the pixel tile is <= 64 at k = 3 and 16 above
+    (k = 5: 160-240). The accumulator is <= 8192 fp32 (32 KB, 32 registers a thread at 8 warps).
+    The exact-fp32 dot ("ieee") runs on CUDA cores and needs its operands in registers: at most
+    128 x 32 there (200 registers), and it dominates the depthwise work there anyway."""
+    precision = dot_precision(dtype)
+    ieee = precision == "ieee"
+    BLOCK_O = pow2(OC, 16, 128 if ieee else 256)
+    BLOCK_P = pow2(P, 16, min(16 if k > 3 else 32 if ieee else 64, (4096 if ieee else 8192) // BLOCK_O))
+    # Fill the GPU: narrower pixel tiles first (no extra work), then more output-channel groups
+    # (each recomputes the depthwise block, which costs less than idle SMs).
+    sms = _sm_count(device)
+    while N * triton.cdiv(P, BLOCK_P) * triton.cdiv(OC, BLOCK_O) < sms and (BLOCK_P > 16 or BLOCK_O > 64):
+        if BLOCK_P > 16:
+            BLOCK_P //= 2
+        else:
+            BLOCK_O //= 2
+    small = k <= 3 and BLOCK_P == 16 and BLOCK_O <= 128  # 1-2 depthwise elements a thread at 4 warps
+    return dict(BLOCK_O=BLOCK_O, BLOCK_C=16, BLOCK_P=BLOCK_P, PRECISION=precision,
+                num_warps=4 if small else 8, num_stages=2)
 
 
 def _launch_separable_conv2d_fwd(x: Tensor, dw_weight: Tensor, pw_weight: Tensor,
@@ -257,14 +321,9 @@ def _launch_separable_conv2d_fwd(x: Tensor, dw_weight: Tensor, pw_weight: Tensor
     affine = [None if t is None else t.to(torch.float32).contiguous()
               for t in (dw_scale, dw_shift, pw_scale, pw_shift)]
     dummy = x  # stands in for an absent affine; never read (its HAS_* flag is False)
-    # tl.dot needs every dimension >= 16 on a GPU. Sizes checked with ptxas for sm_80/sm_90 (no
-    # spills at k = 3 with 8 warps; the exact-fp32 dot gets the smaller output-channel tile).
-    BLOCK_O = pow2(OC, 16, 64 if x.dtype == torch.float32 else 128)
-    BLOCK_C = 16
-    BLOCK_P = pow2(P, 16, 64 if k <= 3 else 32)
-    grid = (N * triton.cdiv(P, BLOCK_P), triton.cdiv(OC, BLOCK_O))
-    kernel = _separable_conv2d_fwd_kernel if interpreting() else wrap_triton(_separable_conv2d_fwd_kernel)
-    kernel[grid](
+    cfg = _fwd_config(N, OC, P, k, x.dtype, x.device)
+    grid = (N * triton.cdiv(P, cfg["BLOCK_P"]) * triton.cdiv(OC, cfg["BLOCK_O"]),)
+    kernel(_separable_conv2d_fwd_kernel)[grid](
         x, dw_weight, pw2, *[dummy if t is None else t for t in affine], out,
         C, OC, H, W, Wo, P,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
@@ -272,9 +331,7 @@ def _launch_separable_conv2d_fwd(x: Tensor, dw_weight: Tensor, pw_weight: Tensor
         pw2.stride(0), pw2.stride(1),
         stride, pad_beg, dilation,
         K=k, HAS_DS=affine[0] is not None, HAS_DH=affine[1] is not None, DW_RELU=dw_relu,
-        HAS_PS=affine[2] is not None, HAS_PH=affine[3] is not None, RELU=relu,
-        IEEE=x.dtype == torch.float32, BLOCK_O=BLOCK_O, BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P,
-        num_warps=8, num_stages=2,
+        HAS_PS=affine[2] is not None, HAS_PH=affine[3] is not None, RELU=relu, **cfg,
     )
     return out
 
@@ -300,8 +357,7 @@ def _launch_depthwise_fwd(x: Tensor, w: Tensor, stride: int, pad_beg: int, pad_e
         return out
     BLOCK_C, BLOCK_P = _depthwise_blocks(C, P, k)
     grid = (N * triton.cdiv(P, BLOCK_P), triton.cdiv(C, BLOCK_C))
-    kernel = _depthwise_fwd_kernel if interpreting() else wrap_triton(_depthwise_fwd_kernel)
-    kernel[grid](
+    kernel(_depthwise_fwd_kernel)[grid](
         x, w, out,
         C, H, W, Wo, P,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
@@ -322,8 +378,7 @@ def _launch_depthwise_bwd_input(grad: Tensor, w: Tensor, H: int, W: int, stride:
     gx = torch.empty((N, C, H, W), device=grad.device, dtype=torch.float32)
     BLOCK_C, BLOCK_P = _depthwise_blocks(C, H * W, k)
     grid = (N * triton.cdiv(H * W, BLOCK_P), triton.cdiv(C, BLOCK_C))
-    kernel = _depthwise_bwd_input_kernel if interpreting() else wrap_triton(_depthwise_bwd_input_kernel)
-    kernel[grid](
+    kernel(_depthwise_bwd_input_kernel)[grid](
         grad, w, gx,
         C, H, W, Ho, Wo,
         w.stride(0), w.stride(2), w.stride(3),
@@ -333,34 +388,43 @@ def _launch_depthwise_bwd_input(grad: Tensor, w: Tensor, H: int, W: int, stride:
     return gx
 
 
+def _dw_weight_config(N: int, C: int, P: int, k: int, split: int | None) -> dict:
+    """Blocks and split of the depthwise weight gradient. The [BLOCK_C, KK, BLOCK_P] accumulator
+    and the x tile loaded into it are 4096 elements each: BLOCK_P = 64 pixels (256 contiguous bytes
+    of a gradient row) for k <= 7, 4 channels at k = 3, 2 at k = 5; 8 warps (sm_90a: 112 registers
+    at k = 3, two CTAs an SM; 4 warps would need 167). The split depends on the shape only, so
+    the sums are the same on every GPU: up to 1024 programs, each reducing at least 8 pixel tiles."""
+    KK = triton.next_power_of_2(k * k)
+    BLOCK_C = pow2(C, 1, max(1, 4096 // (KK * 64)))
+    BLOCK_P = pow2(P, 16, max(16, 4096 // (BLOCK_C * KK)))
+    tiles = N * triton.cdiv(P, BLOCK_P)
+    if split is None:
+        split = min(triton.cdiv(tiles, 8), triton.cdiv(1024, triton.cdiv(C, BLOCK_C)))
+    chunk = triton.cdiv(tiles, max(1, split))
+    return dict(KK=KK, BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, tiles=tiles, chunk=chunk, split=triton.cdiv(tiles, chunk),
+                num_warps=8 if BLOCK_C * KK * BLOCK_P >= 4096 else 4)
+
+
 def _launch_depthwise_bwd_weight(grad: Tensor, x: Tensor, k: int, stride: int, pad_beg: int,
                                  dilation: int, split: int | None = None) -> Tensor:
     """[C, 1, k, k] fp32 grad of the depthwise weight; grad [N, C, Ho, Wo] fp32 contiguous.
 
-    The N*Ho*Wo reduction is cut into ``split`` fixed chunks (enough programs to fill a GPU),
-    whose partial sums are added by torch in a fixed order: deterministic."""
+    The N*Ho*Wo reduction is cut into ``split`` fixed runs of pixel tiles (enough programs to fill a
+    GPU), whose partial sums are added by torch in a fixed order: deterministic."""
     N, C, H, W = x.shape
     Ho, Wo = grad.shape[2], grad.shape[3]
     P = Ho * Wo
-    NP = N * P
-    if NP == 0 or C == 0:
+    if N * P == 0 or C == 0:
         return torch.zeros((C, 1, k, k), device=x.device, dtype=torch.float32)
-    BLOCK_C = pow2(C, 1, 16)
-    BLOCK_P = pow2(NP, 16, 2048 // BLOCK_C)
-    if split is None:
-        # At least 32 iterations of BLOCK_P per program, at most 64 splits.
-        split = max(1, min(64, triton.cdiv(NP, BLOCK_P * 32)))
-    chunk = triton.cdiv(triton.cdiv(NP, split), BLOCK_P) * BLOCK_P
-    split = triton.cdiv(NP, chunk)
-    part = torch.empty((split, C, k * k), device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(C, BLOCK_C), k * k, split)
-    kernel = _depthwise_bwd_weight_kernel if interpreting() else wrap_triton(_depthwise_bwd_weight_kernel)
-    kernel[grid](
+    cfg = _dw_weight_config(N, C, P, k, split)
+    part = torch.empty((cfg["split"], C, k * k), device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(C, cfg["BLOCK_C"]), cfg["split"])
+    kernel(_depthwise_bwd_weight_kernel)[grid](
         grad, x, part,
-        C, H, W, Wo, P, NP, chunk,
+        C, H, W, Wo, P, cfg["tiles"], cfg["chunk"],
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         stride, pad_beg, dilation,
-        K=k, BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, num_warps=4,
+        K=k, KK=cfg["KK"], BLOCK_C=cfg["BLOCK_C"], BLOCK_P=cfg["BLOCK_P"], num_warps=cfg["num_warps"],
     )
     return part.sum(0).view(C, 1, k, k)
 
@@ -376,8 +440,9 @@ def _separable_conv2d_triton(
     stride: int, pad_beg: int, pad_end: int, dilation: int, dw_relu: bool, relu: bool,
 ) -> Tensor:
     check_dtype("separable_conv2d", "x", x)
-    return _launch_separable_conv2d_fwd(x, dw_weight, pw_weight, dw_scale, dw_shift, pw_scale, pw_shift,
-                                        stride, pad_beg, pad_end, dilation, dw_relu, relu)
+    with on_device(x):
+        return _launch_separable_conv2d_fwd(x, dw_weight, pw_weight, dw_scale, dw_shift, pw_scale, pw_shift,
+                                            stride, pad_beg, pad_end, dilation, dw_relu, relu)
 
 
 def _backward_fp32(grad_out, x, dw_weight, pw_weight, dw_scale, dw_shift, pw_scale, pw_shift,
@@ -445,7 +510,7 @@ def _separable_conv2d_triton_backward(
     affine gets an empty [0] tensor. Follows separable_conv2d_backward_impl (C++)."""
     check_dtype("separable_conv2d", "x", x)
     # fp32 throughout, even if the caller runs backward inside an autocast region.
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    with on_device(x), torch.autocast(device_type=x.device.type, enabled=False):
         return _backward_fp32(grad_out, x, dw_weight, pw_weight, dw_scale, dw_shift, pw_scale, pw_shift,
                               stride, pad_beg, pad_end, dilation, dw_relu, relu)
 
