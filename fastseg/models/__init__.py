@@ -1,0 +1,55 @@
+"""Segmentation architectures on fastseg's fused layers: ``create_model(name, ...)``, ``list_models()``.
+
+Each name maps to a builder function ``fastseg.models.<module>.<function>(num_classes=..., **kw)``
+whose keyword arguments carry the paper's defaults. Modules are imported on first use, so a model
+family's import cost (torchvision's ResNet, say) is paid only by those who build it.
+
+Example::
+
+    >>> from fastseg.models import create_model, list_models
+    >>> model = create_model("deeplabv3plus", num_classes=21).eval()
+    >>> model(torch.randn(1, 3, 513, 513))["out"].shape
+    torch.Size([1, 21, 513, 513])
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from torch import nn
+
+__all__ = ["create_model", "list_models"]
+
+# name -> "module:builder" inside fastseg.models
+_MODELS: dict[str, str] = {
+    "unet": "unet:unet",
+    "fcn32s": "fcn:fcn32s",
+    "fcn16s": "fcn:fcn16s",
+    "fcn8s": "fcn:fcn8s",
+    "deeplabv2": "deeplab:deeplabv2",
+    "deeplabv3": "deeplab:deeplabv3",
+    "deeplabv3plus": "deeplab:deeplabv3plus",
+    "pspnet": "pspnet:pspnet",
+}
+
+
+def list_models() -> list[str]:
+    """The names ``create_model`` accepts, sorted."""
+    return sorted(_MODELS)
+
+
+def create_model(name: str, num_classes: int | None = None, **kwargs: Any) -> nn.Module:
+    """Build architecture ``name`` with ``num_classes`` outputs (None: the paper's, e.g. 21 for the
+    PASCAL VOC models, 2 for U-Net); ``kwargs`` override the paper's defaults (``backbone``,
+    ``output_stride``, ``atrous_rates``, ``aux_loss``, ``in_channels``, ...; see each builder's
+    docstring). No weights are downloaded: ``backbone_weights=PATH`` loads a local checkpoint where a
+    builder takes one, and ``model.load_state_dict`` works as usual."""
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    if num_classes is not None:
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        kwargs["num_classes"] = num_classes
+    module, builder = _MODELS[name].split(":")
+    return getattr(importlib.import_module(f"fastseg.models.{module}"), builder)(**kwargs)
