@@ -50,8 +50,8 @@ test: build
 	$(VPY) -m pytest tests -m "not interpret" -q -rs
 	TRITON_INTERPRET=1 $(VPY) -m pytest tests -m interpret -q -rs
 
-# The device twin: build fastseg._C (C++ and CUDA) against torch 2.11, run the CPU and interpreter
-# suites there, and compile every Triton launch for sm_90a with Triton 3.6 (bench/triton_sm90_compile.py).
+# The device twin: build fastseg._C (C++ and CUDA) against torch 2.11, run the CPU suite there, and
+# the interpreter suite + an sm_90a compile of every Triton launch with Triton 3.6 (bench/triton_sm90_compile.py).
 $(TWIN)/.fastseg-deps:
 	$(PYTHON) -m venv $(TWIN)
 	$(TWIN)/bin/python -m pip install -q --upgrade pip setuptools wheel
@@ -64,7 +64,7 @@ twin-test: $(TWIN)/.fastseg-deps
 	git ls-files -z -co --exclude-standard | tar --null -T - -cf - | tar -xf - -C $(TWIN_SRC)
 	cd $(TWIN_SRC) && ../$(TWIN)/bin/python setup.py -q build_ext --inplace
 	cd $(TWIN_SRC) && ../$(TWIN)/bin/python -m pytest tests -m "not interpret" -q -rs -p no:cacheprovider
-	cd $(TWIN_SRC) && TRITON_INTERPRET=1 ../$(TWIN)/bin/python -m pytest tests -m interpret -q -rs -p no:cacheprovider
+	# The interpreter suite runs inside the compile check (it records the launches), which fails if it fails.
 	cd $(TWIN_SRC) && ../$(TWIN)/bin/python bench/triton_sm90_compile.py --json triton-sm90-compile.json
 
 cpp-test: $(DEPS_STAMP)
