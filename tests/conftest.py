@@ -70,3 +70,23 @@ def check_forward_backward(run, reference, leaves: list[torch.Tensor], names: li
     want_lp = torch.autograd.grad(ref_lp, leaves, grad.to(dtype)) if ref_lp is not None else [None] * len(got)
     for name, g, w, wl in zip(names, got, want, want_lp, strict=True):
         assert_matches_reference(g, w, wl, name=f"grad {name}")
+
+
+def relayout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as channels_last (H and W still collapse: hw_offsets' FLAT path) or as the first
+    W columns of a wider map (they do not: the general path)."""
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    wide = t.new_empty(*t.shape[:3], t.shape[3] + 3)
+    wide[..., :t.shape[3]] = t
+    return wide[..., :t.shape[3]]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of small-model tests: on a shared 2-core machine two threads
+    spin-wait under contention and make small ops ~10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

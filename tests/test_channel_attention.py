@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import check_forward_backward
+from conftest import check_forward_backward, relayout
 
 from fastseg import ops
 from fastseg.ops import _reference
@@ -130,16 +130,6 @@ def test_bad_input(backend, name, x, kwargs, match):
 # ---- Triton on a GPU: devices, split Grams, layouts, fp32 precision, opcheck / compile -----------------
 
 
-def _relayout(t: torch.Tensor, layout: str) -> torch.Tensor:
-    """The same values as channels_last (H and W still collapse: hw_offsets' FLAT path) or as the first
-    W columns of a wider map (they do not: the general path)."""
-    if layout == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
-    wide = t.new_empty(*t.shape[:3], t.shape[3] + 3)
-    wide[..., :t.shape[3]] = t
-    return wide[..., :t.shape[3]]
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2,
                     reason="needs two CUDA devices (inputs on cuda:1 while cuda:0 is current)")
@@ -165,7 +155,7 @@ def test_triton_gpu_danet_sizes(case, dtype):
 def test_triton_gpu_layouts(layout, dtype):
     (x,), _ = sample_inputs(Case(2, 70, 13, 11), "cuda", dtype)
     check_forward_backward(lambda x: ops.channel_attention(x, backend="triton"), _reference.channel_attention,
-                           [_relayout(x, layout).requires_grad_(True)], ["x"])
+                           [relayout(x, layout).requires_grad_(True)], ["x"])
 
 
 @pytest.mark.gpu

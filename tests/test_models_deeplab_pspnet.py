@@ -31,14 +31,7 @@ FC_1000 = 2048 * 1000 + 1000
 K = 21
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The CI box has 2 cores shared by several jobs: a single intra-op thread avoids OpenMP spin-waits
-    # that make small-tensor ops 10x slower under contention.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _n(module: nn.Module) -> int:

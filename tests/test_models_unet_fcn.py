@@ -26,13 +26,7 @@ from fastseg.models.unet import (
 SMALL_VGG = {"widths": (4, 4, 8, 8, 8), "fc_channels": 16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: one thread beats two on a shared 2-core machine (no oversubscription).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _count(model: nn.Module) -> int:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import check_forward_backward
+from conftest import check_forward_backward, relayout
 
 from fastseg import ops
 from fastseg.ops import _reference
@@ -176,16 +176,6 @@ def test_bad_input_reaches_cpp_checks():
 # ---- Triton on a GPU: devices, key widths, layouts, fp32 precision, opcheck / compile -----------------
 
 
-def _relayout(t: torch.Tensor, layout: str) -> torch.Tensor:
-    """The same values as channels_last (H and W still collapse: hw_offsets' FLAT path) or as the first
-    W columns of a wider map (they do not: the general path)."""
-    if layout == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
-    wide = t.new_empty(*t.shape[:3], t.shape[3] + 3)
-    wide[..., :t.shape[3]] = t
-    return wide[..., :t.shape[3]]
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2,
                     reason="needs two CUDA devices (inputs on cuda:1 while cuda:0 is current)")
@@ -216,7 +206,7 @@ def test_triton_gpu_wide_key_width(case, dtype):
 def test_triton_gpu_layouts(layout, dtype):
     case = Case(2, 64, 70, 13, 11, std=0.5)
     args, _ = sample_inputs(case, "cuda", dtype)
-    leaves = [_relayout(t, layout).requires_grad_(True) for t in args]
+    leaves = [relayout(t, layout).requires_grad_(True) for t in args]
     check_forward_backward(lambda q, k, v: ops.position_attention(q, k, v, backend="triton"),
                            _reference.position_attention, leaves, ["q", "k", "v"])
 
