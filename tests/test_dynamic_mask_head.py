@@ -242,7 +242,7 @@ GPU_BACKENDS = ["cuda", "triton"]
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("shape", SHAPES + [(500, 256, 200, 304)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", SHAPES + [(97, 256, 100, 152)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gpu_matches_float64(backend, shape, dtype):
     if backend == "triton" and dtype == torch.float64:
