@@ -7,7 +7,7 @@ import zlib
 
 import pytest
 import torch
-from conftest import TOL
+from conftest import TOL, relayout
 
 from fastseg import ops
 from fastseg.ops import _reference
@@ -101,6 +101,19 @@ def test_threshold_is_strict(backend, dtype):
     assert not got[:, 2, :].any()
     below = ops.dynamic_mask_head(kernels, features, mask_thr=0.49, backend=backend)
     assert ops.unpack_masks(below.masks, 7, 11)[1].all() and below.areas[1] == 77
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs(backend):
+    """Transposed kernels and features stored [H, W, E] (channels last) or cut from a wider map."""
+    kernels, features = sample_inputs(11, 24, 9, 13, seed="strided")
+    want = ops.dynamic_mask_head(kernels, features, backend=backend)
+    k_t = kernels.T.contiguous().T
+    for f in (features.permute(1, 2, 0).contiguous().permute(2, 0, 1), relayout(features[None], "wide")[0]):
+        got = ops.dynamic_mask_head(k_t, f, backend=backend)
+        check_against_float64(got, k_t, f, 0.5)
+        if backend != "reference":  # the kernels copy to contiguous: bit-identical (BLAS may differ by layout)
+            assert torch.equal(got.masks, want.masks) and torch.equal(got.maskness, want.maskness)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
