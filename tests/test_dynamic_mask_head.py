@@ -124,6 +124,18 @@ def test_not_differentiable(backend):
     assert not any(t.requires_grad for t in out)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inference_mode(backend):
+    """Under torch.inference_mode (how a model's eval runs), with the CPU kernel's worker threads."""
+    kernels, features = sample_inputs(150, 32, 40, 50, seed="inference")
+    want = ops.dynamic_mask_head(kernels, features, backend=backend)
+    with torch.inference_mode():
+        got = ops.dynamic_mask_head(kernels.clone(), features.clone(), backend=backend)
+        nms = ops.matrix_nms_packed(got.masks, 2000, torch.zeros(150, dtype=torch.long), got.scores,
+                                    mask_area=got.areas, max_num=10, backend="cpu" if backend == "cpu" else None)
+    assert torch.equal(got.masks, want.masks) and len(nms[2]) == 10
+
+
 def test_bad_input():
     k, f = sample_inputs(3, 4, 5, 6)
     cases = [
