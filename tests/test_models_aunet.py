@@ -221,3 +221,75 @@ def test_fusion_small_stuff_and_unclaimed_things_become_void():
     with pytest.raises(ValueError, match="same size"):
         panoptic_fusion(torch.zeros(1, 4, 4, dtype=torch.bool), torch.ones(1), torch.ones(1),
                         torch.zeros(5, 4, dtype=torch.long), 2)
+
+
+# ---- overfitting synthetic scenes ----
+
+def synthetic_scenes(n: int, size: int = 64, seed: int = 0) -> tuple[list, list, list]:
+    """n images: sky over ground (stuff 0 / 1, horizon at a random height) with 1-2 non-overlapping
+    red (thing 1) or green (thing 2) rectangles, light noise. Returns images, training targets and
+    the ground-truth (panoptic, segments_info) pairs."""
+    g = torch.Generator().manual_seed(seed)
+    colors = {1: (0.9, 0.1, 0.1), 2: (0.1, 0.9, 0.1)}
+    images, targets, gts = [], [], []
+    for _ in range(n):
+        horizon = int(torch.randint(20, 44, (1,), generator=g))
+        sem = torch.zeros(size, size, dtype=torch.long)
+        sem[horizon:] = 1
+        img = torch.empty(3, size, size)
+        img[:, :horizon] = torch.tensor([0.3, 0.5, 0.9]).view(3, 1, 1)
+        img[:, horizon:] = torch.tensor([0.6, 0.5, 0.3]).view(3, 1, 1)
+        boxes, labels, masks = [], [], []
+        taken = torch.zeros(size, size, dtype=torch.bool)
+        for _ in range(int(torch.randint(1, 3, (1,), generator=g))):
+            w, h = (int(v) for v in torch.randint(14, 26, (2,), generator=g))
+            x, y = int(torch.randint(0, size - w, (1,), generator=g)), int(torch.randint(0, size - h, (1,), generator=g))
+            m = torch.zeros(size, size, dtype=torch.bool)
+            m[y:y + h, x:x + w] = True
+            if (m & taken).any():
+                continue
+            taken |= m
+            c = int(torch.randint(1, 3, (1,), generator=g))
+            img[:, m] = torch.tensor(colors[c]).view(3, 1)
+            boxes.append([x, y, x + w, y + h])
+            labels.append(c)
+            masks.append(m)
+        img += 0.03 * torch.randn(img.shape, generator=g)
+        masks = torch.stack(masks)
+        targets.append({"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.tensor(labels),
+                        "masks": masks.to(torch.uint8), "semantic": sem})
+        pan = torch.zeros(size, size, dtype=torch.int32)
+        info = []
+        for j, (m, c) in enumerate(zip(masks, labels, strict=True)):
+            pan[m] = j + 1
+            info.append({"id": j + 1, "category_id": c, "isthing": True})
+        for c in range(2):
+            info.append({"id": len(info) + 1, "category_id": c, "isthing": False})
+            pan[(sem == c) & (pan == 0)] = info[-1]["id"]
+        images.append(img)
+        gts.append((pan, info))
+    return images, targets, gts
+
+
+def test_overfits_synthetic_scenes():
+    """ResNet-18 AUNet from scratch on 4 synthetic 64x64 scenes: after 50 AdamW steps the panoptic
+    quality on the training images is >= 0.5 (measured here: ~0.89 at 50 steps, ~0.96 at 150)."""
+    from fastseg.metrics import panoptic_quality
+
+    torch.manual_seed(0)
+    model = create_model("aunet", num_classes=2, num_stuff_classes=2, **{
+        **SMALL, "rpn_batch_size_per_image": 64, "rpn_pre_nms_top_n_train": 400, "rpn_post_nms_top_n_train": 200,
+        "rpn_pre_nms_top_n_test": 200, "rpn_post_nms_top_n_test": 100})
+    images, targets, gts = synthetic_scenes(4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(50):
+        model.train()
+        loss = sum(model(images, targets).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        out = model(images)
+    result = panoptic_quality([(o["panoptic"], o["segments_info"]) for o in out], gts)
+    assert result["pq"] >= 0.5, result
