@@ -585,6 +585,11 @@ def test_float32_rois_with_low_precision_features(backend, dtype):
     assert up.dtype == dtype
     scale = up64.abs().max().item()
     torch.testing.assert_close(up.double() / scale, up64 / scale, atol=atol, rtol=rtol)
+    if backend == "cpu":  # the registered op with mixed dtypes: schema, fake kernel, autograd
+        args = (feats.clone().requires_grad_(True), rois, 7, 7, 1 / 16, -1, True)
+        torch.library.opcheck(torch.ops.fastseg.roi_align, args)
+        torch.library.opcheck(torch.ops.fastseg.roi_upsample,
+                              (maps.clone().requires_grad_(True), rois, 2, 73, 71, 1 / 16, -1, True, "aunet"))
 
 
 def _valid_samples(start: float, bin_: float, grid: int, pooled: int, size: int) -> torch.Tensor:
