@@ -244,11 +244,24 @@ def roi_align(features: Tensor, rois: Tensor | list[Tensor], output_size: int | 
     my, mx, scale = _roi_interp(rois, (ph, pw), features.shape[2], features.shape[3], spatial_scale,
                                 sampling_ratio, aligned, aunet=False)
     my, mx, scale = (t.to(features.dtype) for t in (my, mx, scale))  # the data path stays in its dtype
-    picked = features[_batch_index(rois)]
-    return torch.einsum("kph,kchw,kqw->kcpq", my, picked, mx) * scale.view(-1, 1, 1, 1)
+    # Per image and in chunks of RoIs: a detector's ~1000 RoIs on a stride-4 map would need the picked
+    # maps [K, C, H, W] (tens of GB) at once; the einsum's intermediates stay below _CHUNK_ELEMENTS.
+    _, c, h, w = features.shape
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, c * max(ph * w, h * pw)))
+    idx = _batch_index(rois)
+    order, pieces = [], []
+    for n in torch.unique(idx).tolist():
+        sel = torch.where(idx == n)[0]
+        for s in range(0, len(sel), chunk):
+            ks = sel[s:s + chunk]
+            order.append(ks)
+            pieces.append(torch.einsum("kph,chw,kqw->kcpq", my[ks], features[n], mx[ks]) * scale[ks].view(-1, 1, 1, 1))
+    if not pieces:
+        return features.new_zeros(0, c, ph, pw) + 0 * features.sum()  # keeps the graph for autograd
+    return torch.cat(pieces)[torch.argsort(torch.cat(order))]
 
 
-_CHUNK_ELEMENTS = 1 << 25  # roi_upsample's per-RoI maps in flight at once (128 MiB in fp32)
+_CHUNK_ELEMENTS = 1 << 25  # per-RoI intermediates in flight at once (128 MiB in fp32)
 
 
 def roi_upsample(roi_maps: Tensor, rois: Tensor | list[Tensor], output_size: tuple[int, int], *,
