@@ -124,7 +124,7 @@ def test_training_losses_and_gradient_flow_through_pam_and_mam():
 def test_mam_input_is_roi_upsample_of_the_class_mask_logits(monkeypatch):
     """The MAM's guide on each level is fastseg.ops.roi_upsample(mode="aunet") of the RoIs' own-class
     mask logits at that level's scale."""
-    import fastseg.models.aunet as mod
+    import fastseg.nn.roi as mod
 
     calls = []
     real = mod.roi_upsample
@@ -243,7 +243,8 @@ def synthetic_scenes(n: int, size: int = 64, seed: int = 0) -> tuple[list, list,
         taken = torch.zeros(size, size, dtype=torch.bool)
         for _ in range(int(torch.randint(1, 3, (1,), generator=g))):
             w, h = (int(v) for v in torch.randint(14, 26, (2,), generator=g))
-            x, y = int(torch.randint(0, size - w, (1,), generator=g)), int(torch.randint(0, size - h, (1,), generator=g))
+            x = int(torch.randint(0, size - w, (1,), generator=g))
+            y = int(torch.randint(0, size - h, (1,), generator=g))
             m = torch.zeros(size, size, dtype=torch.bool)
             m[y:y + h, x:x + w] = True
             if (m & taken).any():

@@ -47,8 +47,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from fastseg.models.backbones.resnet import load_backbone_weights
-from fastseg.nn import MultiScaleRoIAlign
-from fastseg.ops import roi_upsample
+from fastseg.nn import MultiScaleRoIAlign, RoIUpsample
 
 __all__ = ["AUNet", "aunet", "panoptic_fusion"]
 
@@ -228,7 +227,9 @@ class AUNet(nn.Module):
         self.stuff_convs = nn.ModuleList(_conv_stack(fpn_channels, stuff_channels, stuff_convs) for _ in range(n))
         self.pam = nn.ModuleList(_Attention(fpn_channels, stuff_channels, 1) for _ in range(n))
         self.mam = nn.ModuleList(_Attention(1, stuff_channels, 3) for _ in range(n))
-        self.mam_sampling_ratio = mam_sampling_ratio
+        # RoIUpsample onto P2..P5 (strides 4..32; the padded batch is a multiple of 32, so exact)
+        self.mam_upsample = nn.ModuleList(RoIUpsample(2.0 ** -(i + 2), mam_sampling_ratio, mode="aunet")
+                                          for i in range(n))
         self.classifier = nn.Conv2d(stuff_channels, num_stuff_classes + 1, 1)
 
     # ---- branches ----
@@ -276,10 +277,7 @@ class AUNet(nn.Module):
         for i, name in enumerate(_LEVELS):
             f = features[name]
             s = self.pam[i](self.stuff_convs[i](f), rpn_shared[i])
-            m = roi_upsample(mask_logits, rois, tuple(f.shape[-2:]), batch_size=n,
-                             spatial_scale=f.shape[-1] / padded_size[1], sampling_ratio=self.mam_sampling_ratio,
-                             mode="aunet")
-            s = self.mam[i](s, m)
+            s = self.mam[i](s, self.mam_upsample[i](mask_logits, rois, tuple(f.shape[-2:]), batch_size=n))
             if s.shape[-2:] != p2_size:
                 s = F.interpolate(s, size=p2_size, mode="bilinear", align_corners=False)
             total = s if total is None else total + s
