@@ -179,6 +179,24 @@ def test_fused_matches_reference_backend():
     assert torch.equal(fused["semantic"], ref["semantic"])
 
 
+def test_background_branch_fused_matches_reference_for_fixed_rois():
+    """The background branch (PAM, MAM with roi_upsample) on the same features, RPN features and RoI mask
+    logits: the fused and the reference roi_upsample give the same stuff logits (the end-to-end model can
+    differ more, as the boxes themselves carry float32 rounding of roi_align into the adaptive grid)."""
+    model = small_model(seed=5).eval()
+    torch.manual_seed(6)
+    feats = {name: torch.randn(2, 32, 16 >> i, 16 >> i) for i, name in enumerate(("0", "1", "2", "3"))}
+    shared = [torch.randn_like(f) for f in feats.values()]
+    xy = torch.rand(9, 2) * 50
+    boxes = torch.cat([xy, xy + 3 + torch.rand(9, 2) * 40], 1)
+    logits = torch.randn(9, 1, 28, 28) * 5
+    with torch.no_grad():
+        fused = model._background(feats, shared, logits, [boxes[:4], boxes[4:]], (64, 64))
+        with ops.use_backend("reference"):
+            ref = model._background(feats, shared, logits, [boxes[:4], boxes[4:]], (64, 64))
+    torch.testing.assert_close(fused, ref, atol=1e-4, rtol=1e-4)
+
+
 # ---- panoptic fusion on hand-made cases ----
 
 def _masks(h: int, w: int, *rects: tuple[int, int, int, int]) -> torch.Tensor:

@@ -101,7 +101,8 @@ def roi_upsample(roi_maps: Tensor, rois: Tensor | list[Tensor], output_size: tup
 
     Args:
         roi_maps: [K, C, m, m'] (e.g. 14×14 or 28×28 mask-branch maps).
-        rois: [K, 5] or a list of [Li, 4] boxes (image coordinates).
+        rois: [K, 5] or a list of [Li, 4] boxes (image coordinates), any floating dtype: read in float32
+            (float64 for float64 maps), the result in roi_maps' dtype.
         output_size: (H, W) of the feature map.
         batch_size: N; default 1 + the largest batch index (0 when there are no RoIs).
 
