@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass
 
 import pytest
 import torch
 import torchvision
-from conftest import assert_matches_reference, check_forward_backward
+from conftest import TOL, assert_matches_reference, check_forward_backward
 
 from fastseg import ops
 from fastseg.ops import _reference
@@ -215,6 +216,20 @@ def test_reference_upsample_in_chunks(monkeypatch):
     torch.testing.assert_close(_reference.roi_upsample(maps, rois, (case.h, case.w), batch_size=case.n), whole)
 
 
+def test_reference_align_in_chunks(monkeypatch):
+    """The reference pools per image and a few RoIs at a time (a detector's RoIs on a stride-4 map):
+    one RoI per chunk gives the same values and gradient, in the RoIs' order."""
+    case = CASES[2]
+    feats, rois = sample_inputs(case)
+    f1, f2 = feats.clone().requires_grad_(True), feats.clone().requires_grad_(True)
+    whole = _reference.roi_align(f1, rois, case.out, **_kw(case))
+    monkeypatch.setattr(_reference, "_CHUNK_ELEMENTS", 1)
+    chunked = _reference.roi_align(f2, rois, case.out, **_kw(case))
+    torch.testing.assert_close(chunked, whole)
+    grad = torch.randn_like(whole)
+    torch.testing.assert_close(torch.autograd.grad(chunked, f2, grad)[0], torch.autograd.grad(whole, f1, grad)[0])
+
+
 def test_reference_is_exactly_torchvision_in_float64():
     feats, rois = sample_inputs(CASES[0])
     torch.testing.assert_close(_reference.roi_align(feats, rois, 7), torchvision.ops.roi_align(feats, rois, 7),
@@ -314,8 +329,8 @@ DIRECT_BAD = [
     ("empty feature map", lambda: _align(torch.randn(1, 3, 4, 0)), "H, W > 0"),
     ("mode", lambda: _upsample(mode="nearest"), "mode"),
     ("nan rois", lambda: _upsample(rois=torch.full((1, 5), float("nan"))), "finite"),
-    ("dtype", lambda: _align(torch.randn(1, 2, 4, 4).half(), torch.zeros(1, 5).half()), "float32 and float64"),
-    ("dtype mix", lambda: _align(rois=torch.zeros(1, 5).double()), "rois dtype"),
+    ("dtype", lambda: _align(torch.randn(1, 2, 4, 4).to(torch.complex64)), "floating point"),
+    ("rois dtype", lambda: _align(rois=torch.zeros(1, 5, dtype=torch.int64)), "rois must be floating"),
 ]
 
 
@@ -534,3 +549,130 @@ def test_gpu_triton_shapes_share_compiled_kernels():
         torch.autograd.grad(out, feats, torch.randn_like(out))
     new = [len(set(k.device_caches[device][0]) - b) for k, b in zip(kernels, before, strict=True)]
     assert new[0] <= 1 and new[1] <= 1, f"new compiled variants (gather, scatter): {new}"
+
+
+# ---- mixed precision: float32 RoIs with float16/bfloat16 data; huge and non-finite boxes ----
+
+
+def _edge_boxes(k: int = 11, seed: int = 3) -> torch.Tensor:
+    """float32 RoIs [k, 5] with edges at x, y ~ 600..1100 px and fractional parts (.3 etc.) that
+    float16 (spacing 0.5) and bfloat16 (spacing 4) would move."""
+    g = torch.Generator().manual_seed(seed)
+    xy = 600 + torch.rand(k, 2, generator=g) * 300
+    wh = 20 + torch.rand(k, 2, generator=g) * 200
+    idx = torch.randint(0, 2, (k, 1), generator=g).float()
+    return torch.cat([idx, xy, xy + wh], dim=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_rois_with_low_precision_features(backend, dtype):
+    """torchvision's autocast policy: geometry in float32 from float32 RoIs, result in the data dtype,
+    against torchvision on the float32-upcast features (the boxes are never rounded to the data
+    dtype: in bfloat16 an edge at 1000.3 would move to 1000)."""
+    torch.manual_seed(0)
+    rois = _edge_boxes()
+    feats = torch.randn(2, 3, 73, 71).to(dtype)  # a stride-16 map of a 1168 x 1136 image
+    kw = {"spatial_scale": 1 / 16, "sampling_ratio": -1, "aligned": True}
+    x = feats.clone().requires_grad_(True)
+    out = ops.roi_align(x, rois, (7, 7), **kw, backend=backend)
+    assert out.dtype == dtype
+    want = torchvision.ops.roi_align(feats.double(), rois.double(), (7, 7), **kw)
+    # the float32 torchvision result rounded to the data dtype: the error budget of the output rounding
+    rounded = torchvision.ops.roi_align(feats.float(), rois, (7, 7), **kw).to(dtype)
+    assert_matches_reference(out, want, rounded, name="roi_align out")
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out.double(), want, atol=atol, rtol=rtol)
+    # the same boxes rounded to the data dtype give a visibly different answer (why this matters)
+    moved = torchvision.ops.roi_align(feats.double(), rois.to(dtype).double(), (7, 7), **kw)
+    assert (moved - want).abs().max() > 10 * atol
+    # the gradient (roi_align's backward = scatter) and roi_upsample, same policy
+    grad = torch.randn(out.shape).to(dtype)
+    (g,) = torch.autograd.grad(out, x, grad)
+    f64 = feats.double().requires_grad_(True)
+    (g64,) = torch.autograd.grad(torchvision.ops.roi_align(f64, rois.double(), (7, 7), **kw), f64, grad.double())
+    assert g.dtype == dtype
+    torch.testing.assert_close(g.double(), g64, atol=2 * atol, rtol=rtol)
+    maps = torch.randn(len(rois), 2, 7, 7).to(dtype)
+    up = ops.roi_upsample(maps, rois, (73, 71), batch_size=2, mode="aunet", **kw, backend=backend)
+    up64 = _reference.roi_upsample(maps.double(), rois.double(), (73, 71), batch_size=2, mode="aunet", **kw)
+    assert up.dtype == dtype
+    scale = up64.abs().max().item()
+    torch.testing.assert_close(up.double() / scale, up64 / scale, atol=atol, rtol=rtol)
+    if backend == "cpu":  # the registered op with mixed dtypes: schema, fake kernel, autograd
+        args = (feats.clone().requires_grad_(True), rois, 7, 7, 1 / 16, -1, True)
+        torch.library.opcheck(torch.ops.fastseg.roi_align, args)
+        torch.library.opcheck(torch.ops.fastseg.roi_upsample,
+                              (maps.clone().requires_grad_(True), rois, 2, 73, 71, 1 / 16, -1, True, "aunet"))
+
+
+def _valid_samples(start: float, bin_: float, grid: int, pooled: int, size: int) -> torch.Tensor:
+    """Per bin, how many of its `grid` samples fall in [-1, size]: every sample enumerated (float32,
+    torchvision's formula), the independent oracle of the bounded kernels."""
+    i = torch.arange(grid, dtype=torch.float32)
+    out = []
+    for p in range(pooled):
+        v = torch.tensor(start, dtype=torch.float32) + p * torch.tensor(bin_, dtype=torch.float32) \
+            + (i + 0.5) * torch.tensor(bin_, dtype=torch.float32) / grid
+        out.append(int(((v >= -1) & (v <= size)).sum()))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_boxes(backend):
+    """A diverged regressor's boxes: adaptive grids of ~1e5 samples per bin axis only cost the samples
+    near the map, and count (the divisor) stays exact. 1e6 px: a constant map gives c x (valid
+    samples) / count, counted by enumeration. Boxes of ~1000 px (torchvision still runs) and 1e6 px
+    with a fixed sampling_ratio: torchvision's values, forward and backward."""
+    feats = torch.full((1, 2, 11, 13), 3.0, dtype=torch.float64)
+    box = torch.tensor([[0.0, -4e5, -5e5, 6e5, 5e5]], dtype=torch.float64)
+    out = ops.roi_align(feats, box, (7, 7), sampling_ratio=-1, backend=backend)
+    bw, bh = 1e6 / 7, 1e6 / 7
+    gx = gy = math.ceil(bw)
+    vy = _valid_samples(-5e5, bh, gy, 7, 11)
+    vx = _valid_samples(-4e5, bw, gx, 7, 13)
+    want = 3.0 * vy[:, None] * vx[None, :] / (gy * gx)
+    assert want.max() > 0
+    torch.testing.assert_close(out[0, 0], want, rtol=1e-6, atol=1e-12)
+
+    torch.manual_seed(1)
+    feats = torch.randn(2, 2, 11, 13, dtype=torch.float64, requires_grad=True)
+    rois = torch.tensor([[0, -400.0, -300.0, 700.0, 600.0], [1, -900.3, 2.0, 5.0, 800.0],
+                         [1, 3.0, 4.0, 1200.0, 9.0]], dtype=torch.float64)
+    for sr, r in ((-1, rois), (2, rois * torch.tensor([1, 1e3, 1e3, 1e3, 1e3], dtype=torch.float64))):
+        for aligned in (False, True):
+            kw = {"sampling_ratio": sr, "aligned": aligned}
+            out = ops.roi_align(feats, r, (5, 4), **kw, backend=backend)
+            want = torchvision.ops.roi_align(feats, r, (5, 4), **kw)
+            torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-12)
+            grad = torch.randn_like(want)
+            (g_want,) = torch.autograd.grad(want, feats, grad)
+            torch.testing.assert_close(torch.autograd.grad(out, feats, grad)[0], g_want, rtol=1e-9, atol=1e-12)
+            up = ops.roi_upsample(grad, r, (11, 13), batch_size=2, mode="adjoint", **kw, backend=backend)
+            torch.testing.assert_close(up, g_want, rtol=1e-9, atol=1e-12)
+
+
+NON_FINITE = [[0, float("inf"), 0, 5, 5], [0, 0, 0, float("inf"), 5], [0, float("nan"), 1, 4, 4],
+              [0, -float("inf"), 0, float("inf"), 5], [float("nan"), 1, 1, 4, 4], [0, -3e38, -3e38, 3e38, 3e38]]
+
+
+def test_non_finite_boxes():
+    """The public API rejects non-finite RoIs; so does the C++ CPU op (test_bad_input_direct). What
+    reaches a kernel anyway has a defined, bounded result: such a RoI has no samples (roi_align gives
+    zeros, as torchvision's kernels do where they do not crash; roi_upsample drops it). The reference
+    implements that definition; finite neighbours are unaffected. +-3e38 boxes (finite, but their size
+    overflows float32) behave the same way."""
+    torch.manual_seed(2)
+    feats = torch.randn(1, 2, 11, 13)
+    good = torch.tensor([[0, 1.0, 2.0, 9.0, 7.0]])
+    rois = torch.cat([good, torch.tensor(NON_FINITE)])
+    out = _reference.roi_align(feats, rois, (3, 3), sampling_ratio=-1)
+    assert torch.equal(out[1:], torch.zeros_like(out[1:]))
+    torch.testing.assert_close(out[:1], torchvision.ops.roi_align(feats, good, (3, 3)))
+    up = _reference.roi_upsample(torch.randn(len(rois), 2, 3, 3), rois, (11, 13), batch_size=1)
+    assert torch.isfinite(up).all()
+    with pytest.raises(ValueError, match="finite"):
+        ops.roi_align(feats, rois, 3)
+    if "cpu" in COMPILED:  # the 1e38 box is finite: the C++ check lets it through
+        out = torch.ops.fastseg.roi_align(feats, rois[[0, -1]], 3, 3, 1.0, -1, False)
+        torch.testing.assert_close(out, _reference.roi_align(feats, rois[[0, -1]], 3))

@@ -444,3 +444,36 @@ def test_fp32_dot_precision_follows_torch(monkeypatch, matmul_precision, expecte
     assert_matches_reference(out, _reference.roi_align(feats.double(), rois.double(), case.out, **_kw(case)))
     assert_matches_reference(up, _reference.roi_upsample(maps.double(), rois.double(), (case.h, case.w),
                                                          batch_size=case.n, **_kw(case)))
+
+
+def test_huge_and_non_finite_boxes():
+    """Boxes that bypass the public checks (torch.ops / torch.compile): ~1000 px and 1e6 px (fixed
+    sampling_ratio) boxes give torchvision's values; a 1e6 px adaptive box (1.4e5 samples per bin axis)
+    only visits the samples near the map and matches the float64 reference, whose span is checked by
+    enumeration in test_roi_align.py; non-finite boxes give zeros / are dropped, finite neighbours
+    unaffected."""
+    from fastseg.triton_kernels import roi_align as tk
+
+    torch.manual_seed(4)
+    feats = torch.randn(2, 2, 11, 13)
+    rois = torch.tensor([[0, -400.0, -300.0, 700.0, 600.0], [1, -900.3, 2.0, 5.0, 800.0],
+                         [1, 3.0, 4.0, 1200.0, 9.0]])
+    for sr, r in ((-1, rois), (2, rois * torch.tensor([1, 1e3, 1e3, 1e3, 1e3]))):
+        out = tk.roi_align(feats, r, 5, 4, 1.0, sr, False)
+        want = torchvision.ops.roi_align(feats.double(), r.double(), (5, 4), sampling_ratio=sr)
+        assert_matches_reference(out, want, name=f"sampling_ratio={sr}")
+    huge = torch.tensor([[0, -4e5, -5e5, 6e5, 5e5], [1, 2.0, 1.0, 8.0, 9.0]])
+    for aligned in (False, True):
+        out = tk.roi_align(feats, huge, 7, 7, 1.0, -1, aligned)
+        want = _reference.roi_align(feats.double(), huge.double(), (7, 7), aligned=aligned)
+        assert_matches_reference(out, want, name=f"1e6 px box, aligned={aligned}")
+    bad = torch.tensor([[0, 1.0, 2.0, 9.0, 7.0], [0, float("inf"), 0, 5, 5], [1, 0, 0, float("inf"), 5],
+                        [0, float("nan"), 1, 4, 4], [1, -float("inf"), 0, float("inf"), 5],
+                        [0, -3e38, -3e38, 3e38, 3e38]])
+    out = tk.roi_align(feats, bad, 3, 3, 1.0, -1, False)
+    assert torch.equal(out[1:], torch.zeros_like(out[1:]))
+    torch.testing.assert_close(out[:1], torchvision.ops.roi_align(feats, bad[:1], (3, 3)))
+    maps = torch.randn(len(bad), 2, 3, 3)
+    up = tk.roi_upsample(maps, bad, 2, 11, 13, 1.0, -1, False, "aunet")
+    want = _reference.roi_upsample(maps[:1].double(), bad[:1].double(), (11, 13), batch_size=2)
+    assert_matches_reference(up, want, name="roi_upsample drops non-finite boxes")

@@ -130,23 +130,47 @@ def _roi_axis_table_kernel(
         roi_len = roi_w
         pooled = pooled_w
     bin_ = tl.div_rn(roi_len, pooled.to(tl.float32))
-    grid = tl.where(sampling_ratio > 0, sampling_ratio, tl.ceil(bin_).to(tl.int32))
-    grid = tl.maximum(grid, 0)  # an inverted aligned RoI: no samples
-    grid_f = tl.maximum(grid, 1).to(tl.float32)
+    # A non-finite RoI has no samples (zeros, as torchvision's kernels give); x - x is 0 iff finite.
+    finite = ((start - start) == 0.0) & ((roi_len - roi_len) == 0.0) & ((bin_ - bin_) == 0.0)
+    start = tl.where(finite, start, 0.0)
+    bin_ = tl.where(finite, bin_, 0.0)
+    # The grid stays a float (exact integers): ceil of a huge bin does not fit an int.
+    grid_n = tl.where(sampling_ratio > 0, sampling_ratio.to(tl.float32), tl.ceil(bin_))
+    grid_n = tl.where(finite, tl.maximum(grid_n, 0.0), 0.0)  # an inverted aligned RoI: no samples
+    grid_f = tl.maximum(tl.minimum(grid_n, 1099511627776.0), 1.0)  # roi.h's kMaxGrid = 2^40
     scale = 1.0
-    if not AUNET:  # 1 / count = 1 / grid_h * 1 / grid_w, one factor per axis
-        scale = tl.div_rn(1.0, grid_f)
+    if not AUNET:  # 1 / count = 1 / grid_h * 1 / grid_w, one factor per axis (the exact grid)
+        scale = tl.div_rn(1.0, tl.maximum(grid_n, 1.0))
 
     offs_p = tl.arange(0, BLOCK_P)
     mask_p = offs_p < pooled
     base = start + offs_p.to(tl.float32) * bin_
+    # Only samples whose coordinate can lie in [-1, length] contribute: enumerate the span
+    # [i0, i1) of each bin (roi.h's sample_span: linear in i, widened by the rounding margin
+    # and one sample), so a huge RoI costs about (length + 1) / step samples per bin.
+    grid_e = tl.minimum(grid_n, 1099511627776.0)
+    step = tl.div_rn(bin_, grid_f)
+    mg = 16.0 * 1.1920928955078125e-07 * (tl.abs(start) + (offs_p.to(tl.float32) + 1.0) * tl.abs(bin_))
+    mg = tl.minimum(mg, length + 2.0)
+    flat = step == 0.0  # every sample at one coordinate (grid is sampling_ratio: small)
+    safe = tl.where(flat, 1.0, step)
+    q0 = tl.div_rn(-1.0 - mg - base, safe) - 0.5
+    q1 = tl.div_rn(length + mg - base, safe) - 0.5
+    qa = tl.minimum(q0, q1)
+    qb = tl.maximum(q0, q1)
+    i0 = tl.where(flat, 0.0, tl.minimum(tl.maximum(tl.floor(qa) - 1.0, 0.0), grid_e))
+    i1 = tl.where(flat, grid_e, tl.minimum(tl.maximum(tl.floor(qb) + 2.0, 0.0), grid_e))
+    i0 = tl.where(mask_p, i0, 0.0).to(tl.int64)
+    i1 = tl.where(mask_p, i1, 0.0).to(tl.int64)
+    span = tl.max(i1 - i0, axis=0)
 
     # The pixel extent of the valid taps (samples may run backwards: take both ends).
     lo = tl.full((BLOCK_P,), length, dtype=tl.int32)
     hi = tl.zeros((BLOCK_P,), dtype=tl.int32)
-    for i in range(0, grid):
-        low, high, w_low, w_high, valid = _sample_tap(base, bin_, grid_f, i, length, AUNET)
-        valid = valid & mask_p
+    for j in range(0, span):
+        i = i0 + j
+        low, high, w_low, w_high, valid = _sample_tap(base, bin_, grid_f, i.to(tl.float32), length, AUNET)
+        valid = valid & mask_p & (i < i1)
         lo = tl.minimum(lo, tl.where(valid, low, length))
         hi = tl.maximum(hi, tl.where(valid, high + 1, 0))
     ext_lo = tl.min(lo, axis=0)
@@ -162,8 +186,10 @@ def _roi_axis_table_kernel(
     for l0 in range(ext_lo, ext_hi, BLOCK_L):
         offs_l = l0 + tl.arange(0, BLOCK_L)
         rows = tl.zeros((BLOCK_P, BLOCK_L), dtype=tl.float32)
-        for i in range(0, grid):
-            low, high, w_low, w_high, valid = _sample_tap(base, bin_, grid_f, i, length, AUNET)
+        for j in range(0, span):
+            i = i0 + j
+            low, high, w_low, w_high, valid = _sample_tap(base, bin_, grid_f, i.to(tl.float32), length, AUNET)
+            valid = valid & (i < i1)
             w_low = tl.where(valid, w_low, 0.0)
             w_high = tl.where(valid, w_high, 0.0)
             rows += tl.where(offs_l[None, :] == low[:, None], w_low[:, None], 0.0)

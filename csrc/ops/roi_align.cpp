@@ -21,15 +21,18 @@ void check_data(const at::Tensor& x, const char* name, const char* layout) {
               x.scalar_type());
 }
 
-// rois [K, 5] (batch_idx, x1, y1, x2, y2) of x's dtype and device. On CPU the values must be
-// finite and the batch indices (truncated toward zero, as the kernels read them) must lie in
-// [0, batch_size); for device tensors that check would cost a synchronisation, so it is left out.
+// rois [K, 5] on x's device, of any floating dtype: the kernels read them in float32 (float64 for
+// float64 x), never in x's dtype when that is float16/bfloat16 (a box edge at 1000.3 would move
+// to 1000 in bfloat16). On CPU the values must be finite and the batch indices (truncated toward
+// zero, as the kernels read them) must lie in [0, batch_size); for device tensors that check
+// would cost a synchronisation, so it is left out (the kernels skip non-finite RoIs and bad
+// indices: ops/common/roi.h).
 void check_rois(const at::Tensor& rois, const at::Tensor& x, const char* x_name,
                 int64_t batch_size) {
   TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5,
               "rois must be [K, 5] (batch_idx, x1, y1, x2, y2), got shape ", rois.sizes());
-  TORCH_CHECK(rois.scalar_type() == x.scalar_type(), "rois dtype ", rois.scalar_type(),
-              " differs from ", x_name, " dtype ", x.scalar_type());
+  TORCH_CHECK(at::isFloatingType(rois.scalar_type()), "rois must be floating point, got ",
+              rois.scalar_type());
   TORCH_CHECK(rois.device() == x.device(), "rois is on ", rois.device(), " but ", x_name,
               " is on ", x.device());
   if (rois.size(0) == 0 || !rois.device().is_cpu()) return;

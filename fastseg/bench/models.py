@@ -18,7 +18,9 @@ DeepLabV3Plus / PSPNet / Unet (``encoder_weights=None``) as peer baselines in ro
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +32,8 @@ from fastseg import ops
 from fastseg.bench.cases import Case, Inputs, SkipCase, register_op
 from fastseg.models import create_model, list_models
 
-__all__ = ["CUDA_BATCH", "PEER_SIZE", "QUICK_SIZE", "SIZE", "UNET_VALID_SIZE", "model_cases"]
+__all__ = ["AUNET_SIZE", "CUDA_BATCH", "PEER_SIZE", "QUICK_SIZE", "SIZE", "UNET_VALID_SIZE", "aunet_time_shares",
+           "model_cases"]
 
 NUM_CLASSES = 21  # PASCAL VOC
 SIZE = 513  # DeepLab's evaluation crop
@@ -41,6 +44,8 @@ CUDA_BATCH = 8
 UNET_VALID_SIZE = 508  # the valid U-Net input (16k + 124) nearest 513; its output is 184 px smaller
 _REFERENCE = "_reference backend (same model and weights)"
 _WEIGHTS = "seeded random init; BatchNorm statistics from one train-mode pass over 2 random images"
+_OWN_ROWS = {"aunet"}  # detectors: not semantic logits of a tensor; rows of their own below
+AUNET_SIZE = (800, 1216)  # a COCO image at Mask R-CNN's test scale (short side 800), a multiple of 32
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,8 @@ def _rows() -> list[_ModelRow]:
     are made)."""
     rows = []
     for name in sorted(list_models(), key=lambda n: n != "deeplabv3plus"):
+        if name in _OWN_ROWS:
+            continue
         if name == "unet":
             rows.append(_ModelRow(name, name, {"padding": "valid", "in_channels": 3}, UNET_VALID_SIZE,
                                   f"padding='valid' at {UNET_VALID_SIZE}x{UNET_VALID_SIZE}, the valid input size "
@@ -211,8 +218,96 @@ def _model_case(row: _ModelRow, batch: int) -> Case:
                 **timing)
 
 
+# ---- AUNet (panoptic) ----------------------------------------------------------------------------------
+
+
+def aunet_time_shares(model: nn.Module, images: list[Tensor], backend: str | None = None) -> dict[str, float]:
+    """Wall time of one eval forward of an AUNet and the part of it spent in RoIAlign (the box and mask
+    poolers), RoIUpsample (the MAM's, all levels) and the attention modules (PAM and MAM: conv, 1 - sigmoid,
+    update, re-weighting), measured with forward hooks on those modules (synchronised on CUDA).
+    ``backend``: run under ``fastseg.ops.use_backend(backend)`` (None: the default, fused, choice)."""
+    groups = {"roi_align": [model.roi_heads.box_roi_pool, model.mask_roi_pool],
+              "roi_upsample": list(model.mam_upsample), "attention": [*model.pam, *model.mam]}
+    cuda = images[0].is_cuda
+
+    def now() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    spent = dict.fromkeys(groups, 0.0)
+    started: dict[int, float] = {}
+    handles = []
+    for name, modules in groups.items():
+        for m in modules:
+            handles.append(m.register_forward_pre_hook(lambda mod, args: started.__setitem__(id(mod), now())))
+            handles.append(m.register_forward_hook(
+                lambda mod, args, out, name=name: spent.__setitem__(name, spent[name] + now() - started[id(mod)])))
+    try:
+        with torch.no_grad(), ops.use_backend(backend) if backend else contextlib.nullcontext():
+            t0 = now()
+            model(images)
+            total = now() - t0
+    finally:
+        for h in handles:
+            h.remove()
+    return {"total_s": total, **{f"{k}_s": v for k, v in spent.items()},
+            **{f"{k}_share": v / total for k, v in spent.items()}}
+
+
+def _aunet_case(batch: int) -> Case:
+    h, w = AUNET_SIZE
+    params: dict[str, Any] = {
+        "layer": "aunet end to end, inference (eval), per image", "model": "aunet",
+        "kwargs": {"backbone": "resnet50", "num_classes": 80, "num_stuff_classes": 53, "box_score_thresh": 0.0,
+                   "norm_layer": "BatchNorm2d"},
+        "N": batch, "H": h, "W": w, "input": f"{h}x{w} (no resize: min_size {h}, max_size 1333)",
+        "shape": f"{batch} images 3x{h}x{w}",
+        "weights": "seeded random init; backbone BatchNorm statistics from one train-mode pass over 2 random images; "
+                   "box_score_thresh=0 keeps 100 detections an image (the mask head's and MAM's full load)",
+        "baseline": _REFERENCE,
+        "check": "float32 only, boxes and scores against the reference backend in float32 (a float64 copy would be "
+                 "a different detector: top-k and NMS choices flip). The stuff logits are not compared: they are "
+                 "discontinuous in the boxes (RoIAlign's adaptive grid ceil(bin), the MAM's summed RoIUpsample), "
+                 "so float32 rounding of the boxes moves them by up to ~7% of their max with random weights "
+                 "(tests/test_models_aunet.py checks the semantic map of a small model exactly)",
+    }
+
+    def make(device: torch.device, dtype: torch.dtype) -> Inputs:
+        if dtype != torch.float32:
+            raise SkipCase("the AUNet row runs in float32 only")
+        g = torch.Generator().manual_seed(1216)
+        x = torch.rand(batch, 3, h, w, generator=g)
+        calibration = torch.rand(2, 3, h, w, generator=g)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(0)
+            model = create_model("aunet", num_classes=80, num_stuff_classes=53, backbone="resnet50",
+                                 box_score_thresh=0.0, norm_layer=nn.BatchNorm2d).to(device)
+            _calibrate_batchnorm(model.backbone.body, calibration.to(device))
+            model.eval()
+        images = list(x.to(device))
+        # Where the time goes, fused and unfused (one warm-up forward first): recorded in the row's params.
+        aunet_time_shares(model, images)
+        params["time_shares"] = {"fused": aunet_time_shares(model, images),
+                                 "reference": aunet_time_shares(model, images, "reference")}
+        return {"x": x.to(device), "aunet": model}
+
+    def outputs(inputs: Inputs) -> tuple[Tensor, ...]:
+        res = inputs["aunet"](list(inputs["x"].float()))
+        return torch.cat([r["boxes"] for r in res]), torch.cat([r["scores"] for r in res])
+
+    def unfused(inputs: Inputs) -> tuple[Tensor, ...]:
+        with ops.use_backend("reference"):
+            return outputs(inputs)
+
+    return Case("models", f"aunet_r50_{h}x{w}", "fwd", params, make, unfused, lambda inputs, backend: outputs(inputs),
+                rounds=1, min_reps=3, warmup=0)
+
+
 @register_op("models", backends=lambda device: ["fused"])
 def model_cases(batch: int = 1, quick: bool = False) -> list[Case]:
-    """Every model of ``fastseg.models.list_models()`` at 513x513 (U-Net valid: 508x508), four rows against
-    segmentation-models-pytorch peers at 512x512, and a small DeepLab v3+ at 97x97 (``quick``); built lazily."""
-    return [_model_case(row, batch) for row in _rows()]
+    """Every semantic model of ``fastseg.models.list_models()`` at 513x513 (U-Net valid: 508x508), four rows
+    against segmentation-models-pytorch peers at 512x512, a small DeepLab v3+ at 97x97 (``quick``), and
+    AUNet-R50 at 800x1216 with its RoIAlign/RoIUpsample/attention time shares; built lazily."""
+    own = [_aunet_case(batch)] if "aunet" in list_models() else []
+    return [_model_case(row, batch) for row in _rows()] + own

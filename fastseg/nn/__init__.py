@@ -4,7 +4,7 @@ from fastseg.nn.attention import ChannelAttention, DANetHead, PositionAttention
 from fastseg.nn.conv import SeparableConv2d
 from fastseg.nn.crf import DenseCRF
 from fastseg.nn.heads import ASPP, ASPPL, AuxHead, DeepLabV3PlusDecoder, PyramidPooling
-from fastseg.nn.roi import RoIAlign, RoIUpsample
+from fastseg.nn.roi import MultiScaleRoIAlign, RoIAlign, RoIUpsample
 
 __all__ = [
     "ASPP",
@@ -14,6 +14,7 @@ __all__ = [
     "DANetHead",
     "DeepLabV3PlusDecoder",
     "DenseCRF",
+    "MultiScaleRoIAlign",
     "PositionAttention",
     "PyramidPooling",
     "RoIAlign",

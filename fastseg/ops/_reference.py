@@ -169,18 +169,38 @@ def _axis_interp(start: Tensor, size: Tensor, pooled: int, sampling_ratio: int, 
     bilinear weight of input row i (torchvision's grid, clamping and out-of-range rule). Bilinear
     weights factor into a y part and an x part, and so do AUNet's 1/Σw² normaliser and the
     validity of a sample, so roi_align(F)[k] = M_y[k] F M_xᵀ[k] / count[k] exactly.
-    Returns (M [K, pooled, length], grid [K])."""
-    k = start.shape[0]
+
+    Only the samples whose coordinate can fall in [-1, length] are enumerated (the span of
+    ``sample_span`` in csrc/ops/common/roi.h), so a huge box costs what the map costs; non-finite
+    RoIs have no samples. Returns (M [K, pooled, length], grid [K] as exact float: count's factor)."""
+    k, dtype = start.shape[0], start.dtype
     bin_size = size / pooled
-    grid = (torch.full_like(size, sampling_ratio) if sampling_ratio > 0 else torch.ceil(size / pooled)).long()
-    g_max = max(int(grid.max()) if k else 1, 1)
-    p = torch.arange(pooled, dtype=start.dtype, device=start.device).view(1, -1, 1)
-    g = torch.arange(g_max, device=start.device).view(1, 1, -1)
-    pos = (start.view(-1, 1, 1) + p * bin_size.view(-1, 1, 1)
-           + (g + 0.5).to(start.dtype) * (bin_size / grid.clamp(min=1)).view(-1, 1, 1))
-    used = (g < grid.view(-1, 1, 1)) & (pos >= -1.0) & (pos <= length)
+    finite = torch.isfinite(start) & torch.isfinite(size)
+    grid = torch.full_like(size, sampling_ratio) if sampling_ratio > 0 else torch.ceil(bin_size)
+    grid = torch.where(finite, grid, 0).clamp(min=0)  # inverted aligned RoIs: no samples
+    grid_i = grid.double().clamp(max=2.0 ** 40).long()  # as roi.h's kMaxGrid
+    # The span, in float64 with the C++ margin: samples [begin, end) of each (k, p).
+    s, b, g = (torch.where(finite, t, 0).double() for t in (start, bin_size, grid_i.double()))
+    p64 = torch.arange(pooled, dtype=torch.float64, device=start.device).view(1, -1)
+    base = s.view(-1, 1) + p64 * b.view(-1, 1)
+    step = (b / g.clamp(min=1)).view(-1, 1)
+    mg = (16 * torch.finfo(dtype).eps * (s.abs().view(-1, 1) + (p64 + 1) * b.abs().view(-1, 1))).clamp(max=length + 2.0)
+    safe = torch.where(step == 0, 1.0, step)
+    q0, q1 = (-1.0 - mg - base) / safe - 0.5, (length + mg - base) / safe - 0.5
+    q0, q1 = torch.minimum(q0, q1), torch.maximum(q0, q1)
+    gk = grid_i.view(-1, 1).double()
+    begin = torch.where(step == 0, 0.0, (q0.floor() - 1).nan_to_num(0.0).clamp(0).minimum(gk)).long()
+    end = torch.where(step == 0, gk, (q1.floor() + 2).nan_to_num(0.0).clamp(0).minimum(gk)).long()
+    n = max(int((end - begin).max()) if k else 1, 1)
+    i = begin.unsqueeze(-1) + torch.arange(n, device=start.device)  # [K, pooled, n]
+    p = torch.arange(pooled, dtype=dtype, device=start.device).view(1, -1, 1)
+    z = torch.where(finite, start, 0).view(-1, 1, 1)
+    bz = torch.where(finite, bin_size, 0).view(-1, 1, 1)
+    # torchvision's order of operations: start + p * bin + (i + 0.5) * bin / grid
+    pos = z + p * bz + (i.to(dtype) + 0.5) * bz / grid_i.clamp(min=1).to(dtype).view(-1, 1, 1)
+    used = (i < end.unsqueeze(-1)) & (pos >= -1.0) & (pos <= length)
     pos = pos.clamp(min=0)
-    low = pos.floor().long()
+    low = pos.floor().clamp(max=length).long()
     at_end = low >= length - 1
     low = torch.where(at_end, length - 1, low)
     high = torch.where(at_end, length - 1, low + 1)
@@ -189,9 +209,9 @@ def _axis_interp(start: Tensor, size: Tensor, pooled: int, sampling_ratio: int, 
     if aunet:
         norm = w_low.square() + w_high.square()
         w_low, w_high = w_low / norm, w_high / norm
-    mat = torch.zeros(k * pooled, length, dtype=start.dtype, device=start.device)
+    mat = torch.zeros(k * pooled, length, dtype=dtype, device=start.device)
     for idx, w in ((low, w_low), (high, w_high)):
-        mat.scatter_add_(1, idx.view(k * pooled, g_max), (w * used).view(k * pooled, g_max))
+        mat.scatter_add_(1, idx.view(k * pooled, n), (w * used).view(k * pooled, n))
     return mat.view(k, pooled, length), grid
 
 
@@ -200,13 +220,24 @@ def _roi_interp(rois: Tensor, output_size: tuple[int, int], height: int, width: 
     """(M_y [K, ph, H], M_x [K, pw, W], scale [K]): the per-RoI factor is 1/count, or 1 for AUNet."""
     offset = 0.5 if aligned else 0.0
     box = rois[:, 1:] * spatial_scale - offset
+    box = torch.where(torch.isfinite(rois[:, :1]), box, torch.nan)  # a NaN batch index: no samples either
     size = box[:, 2:] - box[:, :2]
     if not aligned:
         size = size.clamp(min=1.0)
     my, gy = _axis_interp(box[:, 1], size[:, 1], output_size[0], sampling_ratio, height, aunet)
     mx, gx = _axis_interp(box[:, 0], size[:, 0], output_size[1], sampling_ratio, width, aunet)
-    scale = torch.ones_like(size[:, 0]) if aunet else 1.0 / (gy * gx).clamp(min=1).to(rois.dtype)
+    scale = torch.ones_like(size[:, 0]) if aunet else 1.0 / (gy * gx).clamp(min=1)
     return my, mx, scale
+
+
+def _geometry_rois(rois: Tensor | list[Tensor], data_dtype: torch.dtype) -> Tensor:
+    """RoIs in float32 (float64 for float64 data): box geometry is never computed in float16/bfloat16."""
+    return rois_to_tensor(rois).to(torch.float64 if data_dtype == torch.float64 else torch.float32)
+
+
+def _batch_index(rois: Tensor) -> Tensor:
+    """Batch indices as the kernels read them (truncated); non-finite RoIs (no samples) read image 0."""
+    return torch.where(torch.isfinite(rois).all(1), rois[:, 0], 0).long()
 
 
 def roi_align(features: Tensor, rois: Tensor | list[Tensor], output_size: int | tuple[int, int], *,
@@ -214,14 +245,28 @@ def roi_align(features: Tensor, rois: Tensor | list[Tensor], output_size: int | 
     """torchvision.ops.roi_align's function in plain PyTorch: [N, C, H, W] features, RoIs [K, 5]
     (or a list of [Li, 4]) → [K, C, ph, pw]."""
     ph, pw = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
-    rois = rois_to_tensor(rois).to(features.dtype)
+    rois = _geometry_rois(rois, features.dtype)
     my, mx, scale = _roi_interp(rois, (ph, pw), features.shape[2], features.shape[3], spatial_scale,
                                 sampling_ratio, aligned, aunet=False)
-    picked = features[rois[:, 0].long()]
-    return torch.einsum("kph,kchw,kqw->kcpq", my, picked, mx) * scale.view(-1, 1, 1, 1)
+    my, mx, scale = (t.to(features.dtype) for t in (my, mx, scale))  # the data path stays in its dtype
+    # Per image and in chunks of RoIs: a detector's ~1000 RoIs on a stride-4 map would need the picked
+    # maps [K, C, H, W] (tens of GB) at once; the einsum's intermediates stay below _CHUNK_ELEMENTS.
+    _, c, h, w = features.shape
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, c * max(ph * w, h * pw)))
+    idx = _batch_index(rois)
+    order, pieces = [], []
+    for n in torch.unique(idx).tolist():
+        sel = torch.where(idx == n)[0]
+        for s in range(0, len(sel), chunk):
+            ks = sel[s:s + chunk]
+            order.append(ks)
+            pieces.append(torch.einsum("kph,chw,kqw->kcpq", my[ks], features[n], mx[ks]) * scale[ks].view(-1, 1, 1, 1))
+    if not pieces:
+        return features.new_zeros(0, c, ph, pw) + 0 * features.sum()  # keeps the graph for autograd
+    return torch.cat(pieces)[torch.argsort(torch.cat(order))]
 
 
-_CHUNK_ELEMENTS = 1 << 25  # roi_upsample's per-RoI maps in flight at once (128 MiB in fp32)
+_CHUNK_ELEMENTS = 1 << 25  # per-RoI intermediates in flight at once (128 MiB in fp32)
 
 
 def roi_upsample(roi_maps: Tensor, rois: Tensor | list[Tensor], output_size: tuple[int, int], *,
@@ -230,14 +275,15 @@ def roi_upsample(roi_maps: Tensor, rois: Tensor | list[Tensor], output_size: tup
     """AUNet's RoIUpsample: [K, C, m, m'] per-RoI maps back onto [N, C, H, W] on RoIAlign's sample
     grid. ``mode="adjoint"``: the transpose of roi_align (value·w/count per sample); ``"aunet"``: each
     sample's bilinear weights renormalised by 1/Σw², no /count. Overlapping RoIs sum."""
-    rois = rois_to_tensor(rois).to(roi_maps.dtype)
+    rois = _geometry_rois(rois, roi_maps.dtype)
     height, width = output_size
     if batch_size is None:
         batch_size = int(rois[:, 0].max()) + 1 if len(rois) else 0
     my, mx, scale = _roi_interp(rois, roi_maps.shape[2:], height, width, spatial_scale, sampling_ratio, aligned,
                                 aunet=mode == "aunet")
+    my, mx, scale = (t.to(roi_maps.dtype) for t in (my, mx, scale))
     out = roi_maps.new_zeros(batch_size, roi_maps.shape[1], height, width)
-    idx = rois[:, 0].long()
+    idx = _batch_index(rois)
     # The dense per-RoI maps [K, C, H, W] would not fit for detection loads: RoIs go in chunks.
     chunk = max(1, _CHUNK_ELEMENTS // max(1, out[0].numel()))
     for s in range(0, len(rois), chunk):

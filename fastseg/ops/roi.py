@@ -20,6 +20,12 @@ def _pair(name: str, size: int | tuple[int, int]) -> tuple[int, int]:
     return pair
 
 
+def geometry_dtype(data_dtype: torch.dtype) -> torch.dtype:
+    """The dtype RoI coordinates are read in for data of ``data_dtype``: float64 for float64 data,
+    else float32 (never float16/bfloat16, which would move box edges by up to 4 px at x ~ 1000)."""
+    return torch.float64 if data_dtype == torch.float64 else torch.float32
+
+
 def _check_rois(rois: Tensor | list[Tensor], like: Tensor, batch_size: int | None) -> Tensor:
     if isinstance(rois, (list, tuple)):
         for i, b in enumerate(rois):
@@ -35,7 +41,7 @@ def _check_rois(rois: Tensor | list[Tensor], like: Tensor, batch_size: int | Non
         raise ValueError(f"rois must be floating point, got {rois.dtype}")
     # Value checks read the data: skipped while torch.compile traces (the C++ CPU ops repeat them).
     if not len(rois) or torch.compiler.is_compiling():
-        return rois.to(like.dtype)
+        return rois.to(geometry_dtype(like.dtype))
     bad = ~torch.isfinite(rois).all(1)
     if batch_size is not None:
         idx = rois[:, 0]
@@ -45,7 +51,7 @@ def _check_rois(rois: Tensor | list[Tensor], like: Tensor, batch_size: int | Non
             raise ValueError("rois must be finite, got NaN or inf coordinates")
         raise ValueError(f"rois batch indices must be integers in [0, {batch_size}), got "
                          f"{idx.min().item()}..{idx.max().item()}")
-    return rois.to(like.dtype)
+    return rois.to(geometry_dtype(like.dtype))
 
 
 def roi_align(features: Tensor, rois: Tensor | list[Tensor], output_size: int | tuple[int, int], *,
@@ -55,7 +61,9 @@ def roi_align(features: Tensor, rois: Tensor | list[Tensor], output_size: int | 
 
     Args:
         features: [N, C, H, W].
-        rois: [K, 5] (batch_idx, x1, y1, x2, y2) or a list of N [Li, 4] boxes.
+        rois: [K, 5] (batch_idx, x1, y1, x2, y2) or a list of N [Li, 4] boxes, any floating dtype:
+            read in float32 (float64 for float64 features), also for float16/bfloat16 features, whose
+            result stays in their dtype (torchvision's autocast policy).
         output_size: (ph, pw) or an int.
         spatial_scale: maps box coordinates onto the feature map.
         sampling_ratio: samples per bin and axis; <= 0 is adaptive (ceil(roi / output)).
@@ -93,7 +101,8 @@ def roi_upsample(roi_maps: Tensor, rois: Tensor | list[Tensor], output_size: tup
 
     Args:
         roi_maps: [K, C, m, m'] (e.g. 14×14 or 28×28 mask-branch maps).
-        rois: [K, 5] or a list of [Li, 4] boxes (image coordinates).
+        rois: [K, 5] or a list of [Li, 4] boxes (image coordinates), any floating dtype: read in float32
+            (float64 for float64 maps), the result in roi_maps' dtype.
         output_size: (H, W) of the feature map.
         batch_size: N; default 1 + the largest batch index (0 when there are no RoIs).
 

@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 namespace fastseg::common {
 
@@ -21,7 +22,9 @@ namespace fastseg::common {
 // and its transpose, roi_upsample mode="adjoint") or by their sum of squares (mode="aunet").
 enum class Norm : int { kCount = 0, kAunet = 1 };
 
-// One RoI's sample grid; roi points at (batch_idx, x1, y1, x2, y2) in input coordinates.
+// One RoI's sample grid; roi points at (batch_idx, x1, y1, x2, y2) in input coordinates, in the
+// geometry type T: float32 for float32/float16/bfloat16 data, float64 for float64 data (boxes are
+// never rounded to a half type, as under torchvision's autocast policy).
 template <typename T>
 struct RoiGeometry {
   int64_t batch;           // image index (truncated toward zero, as torchvision reads it)
@@ -31,31 +34,93 @@ struct RoiGeometry {
   T count;                 // max(grid_h * grid_w, 1): the kCount normaliser
 };
 
+// A bin axis wider than this many samples keeps this integer grid for its sample coordinates
+// (float coordinates there are spaced far more than a pixel apart anyway); `count` keeps the
+// exact ceil. Only sample_span's few samples near the map are ever visited.
+constexpr double kMaxGrid = 1099511627776.0;  // 2^40
+
+// x - x is 0 exactly for finite x and NaN for inf/NaN (no <cmath> isfinite on device).
+template <typename T>
+FASTSEG_HOST_DEVICE inline bool is_finite(T x) {
+  return x - x == T(0);
+}
+
+// x clamped to [0, n] and truncated; NaN -> 0 (no undefined float -> int conversion).
+FASTSEG_HOST_DEVICE inline int64_t clamp_index(double x, int64_t n) {
+  if (!(x > 0.0)) return 0;
+  return x < static_cast<double>(n) ? static_cast<int64_t>(x) : n;
+}
+
+// A RoI with a non-finite coordinate (after scaling) has no samples: roi_align gives zeros for it
+// (as torchvision's kernels do) and roi_upsample drops it. The public API and the CPU ops reject
+// such RoIs first; this only bounds what reaches a device kernel through torch.ops/compile.
 template <typename T>
 FASTSEG_HOST_DEVICE inline RoiGeometry<T> roi_geometry(const T* roi, T spatial_scale,
                                                        int64_t pooled_h, int64_t pooled_w,
                                                        int64_t sampling_ratio, bool aligned) {
   RoiGeometry<T> g;
-  g.batch = static_cast<int64_t>(roi[0]);
   const T offset = aligned ? T(0.5) : T(0);
   g.start_w = roi[1] * spatial_scale - offset;
   g.start_h = roi[2] * spatial_scale - offset;
   T roi_w = roi[3] * spatial_scale - offset - g.start_w;
   T roi_h = roi[4] * spatial_scale - offset - g.start_h;
+  if (!(is_finite(roi[0]) && is_finite(g.start_w) && is_finite(g.start_h) && is_finite(roi_w) &&
+        is_finite(roi_h))) {
+    g.batch = -1;
+    g.start_h = g.start_w = g.bin_h = g.bin_w = T(0);
+    g.grid_h = g.grid_w = 0;
+    g.count = T(1);
+    return g;
+  }
+  g.batch = roi[0] > T(-1) && roi[0] < T(4.0e18) ? static_cast<int64_t>(roi[0]) : -1;
   if (!aligned) {  // legacy RoIAlign: malformed RoIs are forced to 1 x 1
     roi_w = roi_w > T(1) ? roi_w : T(1);
     roi_h = roi_h > T(1) ? roi_h : T(1);
   }
   g.bin_h = roi_h / static_cast<T>(pooled_h);
   g.bin_w = roi_w / static_cast<T>(pooled_w);
-  const int64_t gh = sampling_ratio > 0 ? sampling_ratio : static_cast<int64_t>(ceil(g.bin_h));
-  const int64_t gw = sampling_ratio > 0 ? sampling_ratio : static_cast<int64_t>(ceil(g.bin_w));
-  const int64_t n = gh * gw;
-  g.count = static_cast<T>(n > 1 ? n : 1);
+  // Integer-valued in T: ceil of a huge bin does not fit an int64.
+  const T gh = sampling_ratio > 0 ? static_cast<T>(sampling_ratio) : ceil(g.bin_h);
+  const T gw = sampling_ratio > 0 ? static_cast<T>(sampling_ratio) : ceil(g.bin_w);
+  const T n = gh * gw;  // may overflow to inf: then every value is 0 / ... = 0, as it tends to
+  g.count = n > T(1) ? n : T(1);
   // An inverted aligned RoI has a non-positive adaptive grid: torchvision's loops run 0 times.
-  g.grid_h = gh > 0 ? gh : 0;
-  g.grid_w = gw > 0 ? gw : 0;
+  g.grid_h = clamp_index(static_cast<double>(gh) < kMaxGrid ? static_cast<double>(gh) : kMaxGrid,
+                         static_cast<int64_t>(kMaxGrid));
+  g.grid_w = clamp_index(static_cast<double>(gw) < kMaxGrid ? static_cast<double>(gw) : kMaxGrid,
+                         static_cast<int64_t>(kMaxGrid));
   return g;
+}
+
+// Sample indices [begin, end) of bin p whose coordinate can lie in [-1, size]; no other sample
+// contributes. A superset: the exact coordinate is linear in i, the computed one errs by at most
+// `mg` (a few roundings of terms bounded by |start| + (p + 1)|bin|), and one more sample covers
+// the division; sample_tap decides exactly. So the work per bin is about (size + 1) / step + 4
+// samples (step = bin / grid >= 1/2 for adaptive grids), however large the RoI; the margin is
+// capped at the map size, where float coordinates are meaningless anyway.
+template <typename T>
+FASTSEG_HOST_DEVICE inline void sample_span(T start, T bin, int64_t p, int64_t grid, int64_t size,
+                                            int64_t* begin, int64_t* end) {
+  *begin = *end = 0;
+  if (grid <= 0) return;
+  const double s = static_cast<double>(start), b = static_cast<double>(bin);
+  const double step = b / static_cast<double>(grid);
+  if (!(step != 0.0)) {  // every sample at one coordinate (grid is sampling_ratio: small)
+    *end = grid;
+    return;
+  }
+  const double base = s + static_cast<double>(p) * b;
+  double mg = 16.0 * static_cast<double>(std::numeric_limits<T>::epsilon()) *
+              (fabs(s) + (static_cast<double>(p) + 1.0) * fabs(b));
+  mg = mg < static_cast<double>(size) + 2.0 ? mg : static_cast<double>(size) + 2.0;
+  double q0 = (-1.0 - mg - base) / step - 0.5, q1 = (static_cast<double>(size) + mg - base) / step - 0.5;
+  if (q0 > q1) {  // bin < 0: an aligned RoI with x2 < x1 and a fixed sampling_ratio
+    const double t = q0;
+    q0 = q1;
+    q1 = t;
+  }
+  *begin = clamp_index(floor(q0) - 1.0, grid);
+  *end = clamp_index(floor(q1) + 2.0, grid);
 }
 
 // Linear interpolation along one axis of `size` pixels: weight w_low on pixel `low`, w_high on
@@ -106,7 +171,9 @@ template <typename T>
 FASTSEG_HOST_DEVICE inline PixelRange bin_range(T start, T bin, int64_t p, int64_t grid,
                                                 int64_t size) {
   PixelRange r{0, 0};
-  for (int64_t i = 0; i < grid; ++i) {
+  int64_t i0, i1;
+  sample_span(start, bin, p, grid, size, &i0, &i1);
+  for (int64_t i = i0; i < i1; ++i) {
     const AxisTap<T> t = sample_tap(start, bin, p, i, grid, size, Norm::kCount);
     if (!t.valid) continue;
     if (r.lo == r.hi) {
@@ -125,7 +192,9 @@ FASTSEG_HOST_DEVICE inline PixelRange bin_range(T start, T bin, int64_t p, int64
 template <typename T, typename Acc>
 FASTSEG_HOST_DEVICE inline void add_bin_row(T start, T bin, int64_t p, int64_t grid, int64_t size,
                                             Norm norm, Acc scale, Acc* row, int64_t lo) {
-  for (int64_t i = 0; i < grid; ++i) {
+  int64_t i0, i1;
+  sample_span(start, bin, p, grid, size, &i0, &i1);
+  for (int64_t i = i0; i < i1; ++i) {
     const AxisTap<T> t = sample_tap(start, bin, p, i, grid, size, norm);
     if (!t.valid) continue;
     row[t.low - lo] += scale * static_cast<Acc>(t.w_low);

@@ -200,17 +200,32 @@ void roi_scatter(const T* __restrict__ g, const RoiMatrices<T>& m, int64_t N, in
 void check_cpu(const at::Tensor& x, const char* name, const char* op) {
   TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor for the cpu kernel, got ",
               x.device());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "the cpu backend of ", op, " supports float32 and float64 ", name, ", got ",
-              x.scalar_type());
+  const auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
+              "the cpu backend of ", op, " supports float32, float64, float16 and bfloat16 ", name,
+              ", got ", t);
+}
+
+// float16/bfloat16 run the float32 kernel on an upcast copy and round the result once (the
+// geometry is float32 either way): torchvision's autocast policy for roi_align.
+bool is_half(const at::Tensor& x) {
+  return x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+}
+
+// rois in the geometry type of data of dtype t (float32, or float64 for float64 data).
+at::Tensor geometry_rois(const at::Tensor& rois, at::ScalarType t) {
+  return rois.to(t == at::kDouble ? at::kDouble : at::kFloat).contiguous();
 }
 
 // gather(norm) of x [N, C, H, W] into [K, C, PH, PW].
 at::Tensor gather_cpu(const at::Tensor& x, const at::Tensor& rois, int64_t PH, int64_t PW,
                       double spatial_scale, int64_t sampling_ratio, bool aligned, Norm norm) {
+  if (is_half(x))
+    return gather_cpu(x.to(at::kFloat), rois, PH, PW, spatial_scale, sampling_ratio, aligned,
+                      norm).to(x.scalar_type());
   auto out = at::empty({rois.size(0), x.size(1), PH, PW}, x.options());
   if (out.numel() == 0) return out;
-  const auto xc = x.contiguous(), rc = rois.contiguous();
+  const auto xc = x.contiguous(), rc = geometry_rois(rois, x.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "roi_gather_cpu", [&] {
     const auto m = roi_matrices<scalar_t>(rc, x.size(2), x.size(3), PH, PW, spatial_scale,
                                           sampling_ratio, aligned, norm);
@@ -224,9 +239,12 @@ at::Tensor gather_cpu(const at::Tensor& x, const at::Tensor& rois, int64_t PH, i
 at::Tensor scatter_cpu(const at::Tensor& g, const at::Tensor& rois, int64_t N, int64_t H,
                        int64_t W, double spatial_scale, int64_t sampling_ratio, bool aligned,
                        Norm norm) {
+  if (is_half(g))
+    return scatter_cpu(g.to(at::kFloat), rois, N, H, W, spatial_scale, sampling_ratio, aligned,
+                       norm).to(g.scalar_type());
   auto out = at::zeros({N, g.size(1), H, W}, g.options());
   if (out.numel() == 0 || g.numel() == 0) return out;
-  const auto gc = g.contiguous(), rc = rois.contiguous();
+  const auto gc = g.contiguous(), rc = geometry_rois(rois, g.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "roi_scatter_cpu", [&] {
     const auto m = roi_matrices<scalar_t>(rc, H, W, g.size(2), g.size(3), spatial_scale,
                                           sampling_ratio, aligned, norm);

@@ -44,6 +44,7 @@ namespace fastseg::ops {
 namespace {
 
 using common::AxisTap;
+using common::clamp_index;
 using common::Norm;
 using common::RoiGeometry;
 using common::sample_tap;
@@ -67,16 +68,15 @@ int64_t grid_stride_blocks(int64_t n) {
   return std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxBlocks);
 }
 
-// RoI k's grid in opmath: rois come in the data dtype, the geometry is never computed in half.
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ RoiGeometry<acc_t> load_geometry(const scalar_t* __restrict__ rois,
+// RoI k's grid in opmath: rois come in opmath (float32, float64 for float64 data), so the
+// geometry is never computed in half.
+template <typename acc_t>
+__device__ __forceinline__ RoiGeometry<acc_t> load_geometry(const acc_t* __restrict__ rois,
                                                             int64_t k, acc_t spatial_scale,
                                                             int64_t PH, int64_t PW,
                                                             int64_t sampling_ratio, bool aligned) {
-  acc_t r[5];
-#pragma unroll
-  for (int i = 0; i < 5; ++i) r[i] = static_cast<acc_t>(rois[k * 5 + i]);
-  return common::roi_geometry<acc_t>(r, spatial_scale, PH, PW, sampling_ratio, aligned);
+  return common::roi_geometry<acc_t>(rois + k * 5, spatial_scale, PH, PW, sampling_ratio,
+                                     aligned);
 }
 
 // ---- gather: roi_align, _roi_upsample_backward ------------------------------------------------
@@ -87,7 +87,8 @@ __device__ __forceinline__ RoiGeometry<acc_t> load_geometry(const scalar_t* __re
 // fp64 needs twice the registers for the same live values, so 2 blocks (<= 128) there.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, sizeof(at::opmath_type<scalar_t>) == 8 ? 2 : 4)
-    roi_gather_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ rois,
+    roi_gather_kernel(const scalar_t* __restrict__ x,
+                      const at::opmath_type<scalar_t>* __restrict__ rois,
                       scalar_t* __restrict__ out, int64_t N, int64_t C, int64_t H, int64_t W,
                       int64_t PH, int64_t PW, at::opmath_type<scalar_t> spatial_scale,
                       int64_t sampling_ratio, bool aligned, Norm norm, int64_t total) {
@@ -95,18 +96,21 @@ __global__ void __launch_bounds__(kThreads, sizeof(at::opmath_type<scalar_t>) ==
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
        e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t pw = e % PW, ph = e / PW % PH, c = e / (PW * PH) % C, k = e / (PW * PH * C);
-    const auto g = load_geometry<scalar_t, acc_t>(rois, k, spatial_scale, PH, PW,
-                                                  sampling_ratio, aligned);
+    const auto g = load_geometry<acc_t>(rois, k, spatial_scale, PH, PW, sampling_ratio, aligned);
     acc_t acc = 0;
     // Batch indices are not validated on device (it would synchronise): skip bad ones.
     if (g.batch >= 0 && g.batch < N) {
       const scalar_t* plane = x + (g.batch * C + c) * H * W;
-      for (int64_t iy = 0; iy < g.grid_h; ++iy) {
+      // Only samples near the map contribute: bounded work for huge RoIs (count stays exact).
+      int64_t y0, y1, x0, x1;
+      common::sample_span(g.start_h, g.bin_h, ph, g.grid_h, H, &y0, &y1);
+      common::sample_span(g.start_w, g.bin_w, pw, g.grid_w, W, &x0, &x1);
+      for (int64_t iy = y0; iy < y1; ++iy) {
         const AxisTap<acc_t> ty = sample_tap(g.start_h, g.bin_h, ph, iy, g.grid_h, H, norm);
         if (!ty.valid) continue;
         const scalar_t* r0 = plane + ty.low * W;
         const scalar_t* r1 = plane + ty.high * W;
-        for (int64_t ix = 0; ix < g.grid_w; ++ix) {
+        for (int64_t ix = x0; ix < x1; ++ix) {
           const AxisTap<acc_t> tx = sample_tap(g.start_w, g.bin_w, pw, ix, g.grid_w, W, norm);
           if (!tx.valid) continue;
           acc += ty.w_low * (tx.w_low * static_cast<acc_t>(r0[tx.low]) +
@@ -128,7 +132,8 @@ __global__ void __launch_bounds__(kThreads, sizeof(at::opmath_type<scalar_t>) ==
 // are slow and would round every partial sum to 11 bits).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    roi_scatter_atomic_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ rois,
+    roi_scatter_atomic_kernel(const scalar_t* __restrict__ grad,
+                              const at::opmath_type<scalar_t>* __restrict__ rois,
                               at::opmath_type<scalar_t>* __restrict__ out, int64_t N, int64_t C,
                               int64_t H, int64_t W, int64_t PH, int64_t PW,
                               at::opmath_type<scalar_t> spatial_scale, int64_t sampling_ratio,
@@ -137,19 +142,21 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
        e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t pw = e % PW, ph = e / PW % PH, c = e / (PW * PH) % C, k = e / (PW * PH * C);
-    const auto g = load_geometry<scalar_t, acc_t>(rois, k, spatial_scale, PH, PW,
-                                                  sampling_ratio, aligned);
+    const auto g = load_geometry<acc_t>(rois, k, spatial_scale, PH, PW, sampling_ratio, aligned);
     if (g.batch < 0 || g.batch >= N) continue;  // never write outside the output
     acc_t v = static_cast<acc_t>(grad[e]);
     if (norm == Norm::kCount) v /= g.count;
     acc_t* plane = out + (g.batch * C + c) * H * W;
-    for (int64_t iy = 0; iy < g.grid_h; ++iy) {
+    int64_t y0, y1, x0, x1;
+    common::sample_span(g.start_h, g.bin_h, ph, g.grid_h, H, &y0, &y1);
+    common::sample_span(g.start_w, g.bin_w, pw, g.grid_w, W, &x0, &x1);
+    for (int64_t iy = y0; iy < y1; ++iy) {
       const AxisTap<acc_t> ty = sample_tap(g.start_h, g.bin_h, ph, iy, g.grid_h, H, norm);
       if (!ty.valid) continue;
       acc_t* r0 = plane + ty.low * W;
       acc_t* r1 = plane + ty.high * W;
       const acc_t v0 = v * ty.w_low, v1 = v * ty.w_high;
-      for (int64_t ix = 0; ix < g.grid_w; ++ix) {
+      for (int64_t ix = x0; ix < x1; ++ix) {
         const AxisTap<acc_t> tx = sample_tap(g.start_w, g.bin_w, pw, ix, g.grid_w, W, norm);
         if (!tx.valid) continue;
         atomicAdd(r0 + tx.low, v0 * tx.w_low);
@@ -182,12 +189,6 @@ struct RoiBox {
 struct SampleRange {
   int64_t begin, end;
 };
-
-// floor-ed x clamped to [0, n]; NaN -> 0 (no undefined float -> int conversion).
-__device__ __forceinline__ int64_t clamp_index(double x, int64_t n) {
-  if (!(x > 0.0)) return 0;
-  return x < static_cast<double>(n) ? static_cast<int64_t>(x) : n;
-}
 
 template <typename T>
 __device__ RoiAxis<T> make_axis(T start, T bin, int64_t grid, int64_t pooled, int64_t size) {
@@ -280,7 +281,7 @@ __device__ __forceinline__ void for_each_bin(const RoiAxis<T>& a, int64_t pooled
 // Geometry, touched extent and image key of each RoI; RoIs with a bad batch index or nothing
 // touched get key N and are left out.
 template <typename scalar_t>
-__global__ void roi_boxes_kernel(const scalar_t* __restrict__ rois,
+__global__ void roi_boxes_kernel(const at::opmath_type<scalar_t>* __restrict__ rois,
                                  RoiBox<at::opmath_type<scalar_t>>* __restrict__ boxes,
                                  int64_t* __restrict__ keys, int64_t K, int64_t N, int64_t H,
                                  int64_t W, int64_t PH, int64_t PW,
@@ -289,8 +290,7 @@ __global__ void roi_boxes_kernel(const scalar_t* __restrict__ rois,
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < K;
        k += int64_t(gridDim.x) * blockDim.x) {
-    const auto g = load_geometry<scalar_t, acc_t>(rois, k, spatial_scale, PH, PW,
-                                                  sampling_ratio, aligned);
+    const auto g = load_geometry<acc_t>(rois, k, spatial_scale, PH, PW, sampling_ratio, aligned);
     RoiBox<acc_t> box;
     box.y = make_axis(g.start_h, g.bin_h, g.grid_h, PH, H);
     box.x = make_axis(g.start_w, g.bin_w, g.grid_w, PW, W);
@@ -441,14 +441,15 @@ at::Tensor gather_cuda(const at::Tensor& x, const at::Tensor& rois, int64_t PH, 
   // No images or no pixels: every RoI reads nothing.
   if (x.numel() == 0) return at::zeros({K, C, PH, PW}, x.options());
   auto out = at::empty({K, C, PH, PW}, x.options());
-  const auto xc = x.contiguous(), rc = rois.contiguous();
+  const auto xc = x.contiguous();
+  const auto rc = rois.to(at::toOpMathType(x.scalar_type())).contiguous();
   const int64_t total = out.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "roi_gather_cuda",
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
     roi_gather_kernel<scalar_t><<<static_cast<unsigned>(grid_stride_blocks(total)), kThreads, 0,
                                   c10::cuda::getCurrentCUDAStream()>>>(
-        xc.const_data_ptr<scalar_t>(), rc.const_data_ptr<scalar_t>(),
+        xc.const_data_ptr<scalar_t>(), rc.const_data_ptr<acc_t>(),
         out.mutable_data_ptr<scalar_t>(), N, C, H, W, PH, PW, static_cast<acc_t>(spatial_scale),
         sampling_ratio, aligned, norm, total);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -467,7 +468,7 @@ at::Tensor scatter_atomic(const at::Tensor& g, const at::Tensor& rois, int64_t N
     using acc_t = at::opmath_type<scalar_t>;
     roi_scatter_atomic_kernel<scalar_t><<<static_cast<unsigned>(grid_stride_blocks(total)),
                                           kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        g.const_data_ptr<scalar_t>(), rois.const_data_ptr<scalar_t>(),
+        g.const_data_ptr<scalar_t>(), rois.const_data_ptr<acc_t>(),
         acc.mutable_data_ptr<acc_t>(), N, C, H, W, PH, PW, static_cast<acc_t>(spatial_scale),
         sampling_ratio, aligned, norm, total);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -499,7 +500,7 @@ at::Tensor scatter_deterministic(const at::Tensor& g, const at::Tensor& rois, in
     auto keys = at::empty({K}, g.options().dtype(at::kLong));
     Box* box_ptr = reinterpret_cast<Box*>(boxes.mutable_data_ptr<uint8_t>());
     roi_boxes_kernel<scalar_t><<<static_cast<unsigned>(grid_stride_blocks(K)), kThreads, 0,
-                                 stream>>>(rois.const_data_ptr<scalar_t>(), box_ptr,
+                                 stream>>>(rois.const_data_ptr<acc_t>(), box_ptr,
                                            keys.mutable_data_ptr<int64_t>(), K, N, H, W, PH, PW,
                                            static_cast<acc_t>(spatial_scale), sampling_ratio,
                                            aligned, norm);
@@ -529,7 +530,8 @@ at::Tensor scatter_cuda(const at::Tensor& g, const at::Tensor& rois, int64_t N, 
   c10::cuda::CUDAGuard device_guard(g.device());
   const int64_t C = g.size(1);
   if (N * C * H * W == 0 || g.numel() == 0) return at::zeros({N, C, H, W}, g.options());
-  const auto gc = g.contiguous(), rc = rois.contiguous();
+  const auto gc = g.contiguous();
+  const auto rc = rois.to(at::toOpMathType(g.scalar_type())).contiguous();
   if (at::globalContext().deterministicAlgorithms())
     return scatter_deterministic(gc, rc, N, H, W, spatial_scale, sampling_ratio, aligned, norm);
   return scatter_atomic(gc, rc, N, H, W, spatial_scale, sampling_ratio, aligned, norm);
