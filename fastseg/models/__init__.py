@@ -31,6 +31,10 @@ _MODELS: dict[str, str] = {
     "deeplabv3": "deeplab:deeplabv3",
     "deeplabv3plus": "deeplab:deeplabv3plus",
     "pspnet": "pspnet:pspnet",
+    "espnet_a": "espnet:espnet_a",
+    "espnet_b": "espnet:espnet_b",
+    "espnet_c": "espnet:espnet_c",
+    "espnet": "espnet:espnet",
 }
 
 

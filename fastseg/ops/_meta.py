@@ -93,3 +93,14 @@ def _dense_crf_fake(unary, image, iterations, pos_sxy, pos_compat, bi_sxy, bi_sr
 @torch.library.register_fake("fastseg::_dense_crf_backward")
 def _dense_crf_backward_fake(grad, unary, image, iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat):
     return torch.empty_like(unary)
+
+
+@torch.library.register_fake("fastseg::esp_pyramid")
+def _esp_pyramid_fake(x, weight, first_channels, dilations):
+    return x.new_empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]))
+
+
+@torch.library.register_fake("fastseg::_esp_pyramid_backward")
+def _esp_pyramid_backward_fake(grad_out, x, weight, first_channels, dilations):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(weight, memory_format=torch.contiguous_format))
