@@ -236,7 +236,7 @@ def test_bad_input(backend, name, x, weights, kwargs, match):
 
 
 @pytest.mark.parametrize("weight,first,dilations,match", [
-    (torch.randn(11, 4, 3, 3), 3, [1, 2, 4], "does not split"),
+    (torch.randn(11, 4, 3, 3), 4, [1, 2, 4], "does not split"),
     (torch.randn(11, 4, 3, 3), 0, [1, 2], "first_channels"),
     (torch.randn(11, 4, 3, 3), 3, [], "dilations"),
     (torch.randn(11, 4, 3, 3), 3, [1, -2], "dilations"),
