@@ -4,10 +4,10 @@
 DeepLabV3Plus / PSPNet / Unet (``encoder_weights=None``) as peer baselines in rows of their own
 (``<model>_vs_smp``; the peer is named in the row's ``baseline`` and ``peer`` params).
 
-- Input: RGB (U-Net too: ``in_channels=3``), 513x513 (ESPNet: 1024x512, 20 classes, its Cityscapes setting), batch ``batch`` on CPU and ``CUDA_BATCH`` x ``batch``
-  on CUDA; U-Net in valid mode at 508x508 (the valid size nearest 513; 324x324 out); the peer rows at
-  512x512 (smp needs sides divisible by its output stride). ``--quick``: a quarter-width DeepLab v3+ at
-  97x97 only.
+- Input: RGB (U-Net too: ``in_channels=3``), 513x513 (ESPNet: 1024x512 and 20 classes, its Cityscapes
+  setting), batch ``batch`` on CPU and ``CUDA_BATCH`` x ``batch`` on CUDA; U-Net in valid mode at 508x508
+  (the valid size nearest 513; 324x324 out); the peer rows at 512x512 (smp needs sides divisible by its
+  output stride). ``--quick``: a quarter-width DeepLab v3+ at 97x97 only.
 - Weights: seeded random init; BatchNorm statistics from one train-mode pass over two random images, so
   that activations have a trained network's scale (raw init overflows fp16 in a ResNet-101).
 - Correctness: the fused output against the reference backend's, and the oracle is the reference backend
