@@ -24,13 +24,17 @@ The variants differ in what feeds the strided modules and the classifier:
   checkpoint espnet_p_2_q_8.pth: 364,569 parameters, the published 0.364 M); their training script's
   copy fuses the 19-channel level-1 concat instead (540 parameters more).
 
+The authors' code has only C and the full network; A and B follow the paper's Fig. 4, with B's concats
+normalised (BN + PReLU) as C's are.
+
 A/B/C's 1/8-resolution logits are upsampled bilinearly to the input size in ``"out"``. Every
 variant takes any input size: it is zero-padded (bottom/right) to a multiple of 8 and the output
 cropped back. All convolutions are bias-free and every BatchNorm has eps 1e-3, as the authors'.
 
-Parameter counts at the defaults (alpha2 = 2, alpha3 = 8, 20 classes, RGB), checked in
-tests/test_models_espnet.py: espnet_a 180,740, espnet_b 187,924, espnet_c 188,838, espnet 361,789
-(the published 0.364 M; see the test for the derivation).
+Parameter counts at the defaults (alpha2 = 2, alpha3 = 8, 20 classes, RGB), derived layer by layer in
+tests/test_models_espnet.py: espnet_a 330,272, espnet_b 348,384, espnet_c 349,449 and espnet 364,569;
+the last two equal the counts of the authors' released Cityscapes checkpoints (encoder and decoder,
+p = 2, q = 8), the published 0.364 M.
 """
 
 from __future__ import annotations
