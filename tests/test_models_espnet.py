@@ -150,6 +150,21 @@ def test_training_step_fused_matches_reference_backend():
         torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
+# ---------------------------------------------------------------------------------------------- torch.compile
+
+def test_compile_fullgraph_espnet():
+    # aot_eager: dynamo capture without graph breaks + the fused op's fake kernel and autograd; inductor's
+    # C++ codegen adds minutes on this machine and nothing to what is checked here.
+    torch.manual_seed(6)
+    model = create_model("espnet", num_classes=5, alpha2=1, alpha3=1)
+    _calibrate_bn(model, torch.randn(2, 3, 24, 32))
+    x = torch.randn(1, 3, 21, 35)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        out, ref = compiled(x)["out"], model(x)["out"]
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
 # ---------------------------------------------------------------------------------------------- overfit
 
 def test_overfit_synthetic_shapes():
