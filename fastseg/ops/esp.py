@@ -109,6 +109,8 @@ _backend.register(OP, "reference", _reference_impl)
 _backend.register(OP, "cpu", _compiled_impl, kernel="fastseg::esp_pyramid")
 _backend.register(OP, "cuda", _compiled_impl, kernel="fastseg::esp_pyramid")
 _backend.register(OP, "triton", _triton_impl)
-# CPU order measured (fastseg.bench esp_pyramid cases, ESPNet's shapes at 1024x512): the C++ kernel
-# beats the PyTorch composition. The CUDA order is unmeasured (no GPU run recorded yet).
+# CPU order measured (bench/results/cpu-esp_pyramid*, ESPNet's shapes at 1024x512, a 2-core machine
+# under load ~20): one thread, the C++ kernel is 0.88-1.46x the PyTorch composition (faster in 4 of 5
+# cases) with half its peak memory; two threads 4-18x, inflated by the baseline's thread contention.
+# The CUDA order (cuda, then triton) is unmeasured: no GPU run recorded yet.
 _backend.set_preference(OP, {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")})
