@@ -86,3 +86,16 @@ def test_model_cases_are_lazy_and_quick_is_one_small_row(monkeypatch):
     assert quick.params["H"] == quick.params["W"] == models.QUICK_SIZE < models.SIZE
     (unet,) = [c for c in cases if c.name == "unet"]
     assert unet.params["kwargs"]["padding"] == "valid" and unet.params["H"] == models.UNET_VALID_SIZE
+
+
+def test_espnet_rows_run_at_their_own_size(monkeypatch, tmp_path):
+    """The ESPNet rows use ESPNet's Cityscapes setting (1024x512, 20 classes); here shrunk to 24x16."""
+    cases = {c.name: c for c in get_cases("models")}
+    for name in ("espnet_a", "espnet_b", "espnet_c", "espnet"):
+        p = cases[name].params
+        assert (p["H"], p["W"], p["classes"]) == (512, 1024, 20), p
+    monkeypatch.setattr(models, "ESPNET_SIZE", (16, 24))
+    rc, rows = _run(tmp_path, "--cases", "espnet_c")
+    assert rc == 0
+    (row,) = rows
+    assert row["status"] == "ok" and row["check"]["ok"] and (row["params"]["H"], row["params"]["W"]) == (16, 24)

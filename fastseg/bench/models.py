@@ -4,10 +4,10 @@
 DeepLabV3Plus / PSPNet / Unet (``encoder_weights=None``) as peer baselines in rows of their own
 (``<model>_vs_smp``; the peer is named in the row's ``baseline`` and ``peer`` params).
 
-- Input: RGB (U-Net too: ``in_channels=3``), 513x513, batch ``batch`` on CPU and ``CUDA_BATCH`` x ``batch``
-  on CUDA; U-Net in valid mode at 508x508 (the valid size nearest 513; 324x324 out); the peer rows at
-  512x512 (smp needs sides divisible by its output stride). ``--quick``: a quarter-width DeepLab v3+ at
-  97x97 only.
+- Input: RGB (U-Net too: ``in_channels=3``), 513x513 (ESPNet: 1024x512 and 20 classes, its Cityscapes
+  setting), batch ``batch`` on CPU and ``CUDA_BATCH`` x ``batch`` on CUDA; U-Net in valid mode at 508x508
+  (the valid size nearest 513; 324x324 out); the peer rows at 512x512 (smp needs sides divisible by its
+  output stride). ``--quick``: a quarter-width DeepLab v3+ at 97x97 only.
 - Weights: seeded random init; BatchNorm statistics from one train-mode pass over two random images, so
   that activations have a trained network's scale (raw init overflows fp16 in a ResNet-101).
 - Correctness: the fused output against the reference backend's, and the oracle is the reference backend
@@ -32,8 +32,8 @@ from fastseg import ops
 from fastseg.bench.cases import Case, Inputs, SkipCase, register_op
 from fastseg.models import create_model, list_models
 
-__all__ = ["AUNET_SIZE", "CUDA_BATCH", "PEER_SIZE", "QUICK_SIZE", "SIZE", "UNET_VALID_SIZE", "aunet_time_shares",
-           "model_cases"]
+__all__ = ["AUNET_SIZE", "CUDA_BATCH", "ESPNET_CLASSES", "ESPNET_SIZE", "PEER_SIZE", "QUICK_SIZE", "SIZE",
+           "UNET_VALID_SIZE", "aunet_time_shares", "model_cases"]
 
 NUM_CLASSES = 21  # PASCAL VOC
 SIZE = 513  # DeepLab's evaluation crop
@@ -41,6 +41,8 @@ PEER_SIZE = 512  # smp models need sides divisible by their output stride (16/32
 QUICK_SIZE = 97
 QUICK_WIDTH = 0.25  # DeepLab v3+ (Xception-65) with a quarter of the channels: 2.7 M parameters
 CUDA_BATCH = 8
+ESPNET_SIZE = (512, 1024)  # (H, W): ESPNet's Cityscapes resolution
+ESPNET_CLASSES = 20  # ESPNet's Cityscapes classes (19 + background)
 UNET_VALID_SIZE = 508  # the valid U-Net input (16k + 124) nearest 513; its output is 184 px smaller
 _REFERENCE = "_reference backend (same model and weights)"
 _WEIGHTS = "seeded random init; BatchNorm statistics from one train-mode pass over 2 random images"
@@ -64,6 +66,7 @@ class _ModelRow:
     note: str = ""  # what the input size means
     peer: _Peer | None = None
     quick: bool = False
+    width: int | None = None  # input width when not square (size is then the height)
 
 
 def _rows() -> list[_ModelRow]:
@@ -74,7 +77,11 @@ def _rows() -> list[_ModelRow]:
     for name in sorted(list_models(), key=lambda n: n != "deeplabv3plus"):
         if name in _OWN_ROWS:
             continue
-        if name == "unet":
+        if name.startswith("espnet"):
+            rows.append(_ModelRow(name, name, {"num_classes": ESPNET_CLASSES}, ESPNET_SIZE[0],
+                                  f"{ESPNET_SIZE[1]}x{ESPNET_SIZE[0]} (Cityscapes; the published 112 FPS is on a "
+                                  f"TitanX at this size), {ESPNET_CLASSES} classes", width=ESPNET_SIZE[1]))
+        elif name == "unet":
             rows.append(_ModelRow(name, name, {"padding": "valid", "in_channels": 3}, UNET_VALID_SIZE,
                                   f"padding='valid' at {UNET_VALID_SIZE}x{UNET_VALID_SIZE}, the valid input size "
                                   f"nearest {SIZE} ({UNET_VALID_SIZE - 184}x{UNET_VALID_SIZE - 184} out)"))
@@ -170,12 +177,13 @@ def _model_inputs(row: _ModelRow, batch: int) -> Callable[[torch.device, torch.d
     def make(device: torch.device, dtype: torch.dtype) -> Inputs:
         n = batch * (CUDA_BATCH if device.type == "cuda" else 1)
         g = torch.Generator().manual_seed(sum(map(ord, row.name)) * 7919 + n)
-        x = torch.randn(n, 3, row.size, row.size, generator=g)
-        calibration = torch.randn(2, 3, row.size, row.size, generator=g)
+        w = row.width or row.size
+        x = torch.randn(n, 3, row.size, w, generator=g)
+        calibration = torch.randn(2, 3, row.size, w, generator=g)
+        kwargs = {"num_classes": NUM_CLASSES, **row.kwargs}
         inputs: Inputs = {
             "x": x.to(device=device, dtype=dtype),
-            "model": _build(lambda: create_model(row.model, num_classes=NUM_CLASSES, **row.kwargs), calibration,
-                            device),
+            "model": _build(lambda: create_model(row.model, **kwargs), calibration, device),
         }
         if row.peer is not None:
             peer = row.peer
@@ -199,11 +207,12 @@ def _smp(inputs: Inputs) -> Tensor:
 
 
 def _model_case(row: _ModelRow, batch: int) -> Case:
-    s = row.size
+    s, w = row.size, row.width or row.size
     params: dict[str, Any] = {
         "layer": f"{row.model} end to end, inference (eval)", "model": row.model, "kwargs": dict(row.kwargs),
-        "N": batch, "N_cuda": CUDA_BATCH * batch, "H": s, "W": s, "input": row.note or f"{s}x{s}",
-        "shape": f"{batch}x3x{s}x{s} (CUDA: {CUDA_BATCH * batch}x3x{s}x{s})", "classes": NUM_CLASSES,
+        "N": batch, "N_cuda": CUDA_BATCH * batch, "H": s, "W": w, "input": row.note or f"{s}x{s}",
+        "shape": f"{batch}x3x{s}x{w} (CUDA: {CUDA_BATCH * batch}x3x{s}x{w})",
+        "classes": row.kwargs.get("num_classes", NUM_CLASSES),
         "weights": _WEIGHTS, "baseline": _REFERENCE,
     }
     # A whole model takes seconds a call on CPU: one timing round, the first call as warm-up, three samples.

@@ -32,6 +32,10 @@ _MODELS: dict[str, str] = {
     "deeplabv3plus": "deeplab:deeplabv3plus",
     "pspnet": "pspnet:pspnet",
     "aunet": "aunet:aunet",
+    "espnet_a": "espnet:espnet_a",
+    "espnet_b": "espnet:espnet_b",
+    "espnet_c": "espnet:espnet_c",
+    "espnet": "espnet:espnet",
 }
 
 

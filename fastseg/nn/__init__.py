@@ -3,6 +3,7 @@
 from fastseg.nn.attention import ChannelAttention, DANetHead, PositionAttention
 from fastseg.nn.conv import SeparableConv2d
 from fastseg.nn.crf import DenseCRF
+from fastseg.nn.esp import ESPModule
 from fastseg.nn.heads import ASPP, ASPPL, AuxHead, DeepLabV3PlusDecoder, PyramidPooling
 from fastseg.nn.roi import MultiScaleRoIAlign, RoIAlign, RoIUpsample
 
@@ -15,6 +16,7 @@ __all__ = [
     "DeepLabV3PlusDecoder",
     "DenseCRF",
     "MultiScaleRoIAlign",
+    "ESPModule",
     "PositionAttention",
     "PyramidPooling",
     "RoIAlign",

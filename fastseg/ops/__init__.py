@@ -14,6 +14,7 @@ from fastseg.ops._backend import (
 )
 from fastseg.ops.attention import channel_attention, position_attention
 from fastseg.ops.crf import dense_crf
+from fastseg.ops.esp import esp_pyramid
 from fastseg.ops.nms import matrix_nms, matrix_nms_batched, matrix_nms_boxes, matrix_nms_packed
 from fastseg.ops.roi import roi_align, roi_upsample
 from fastseg.ops.separable_conv import separable_conv2d
@@ -34,6 +35,7 @@ __all__ = [
     "channel_attention",
     "dense_crf",
     "dynamic_mask_head",
+    "esp_pyramid",
     "matrix_nms",
     "matrix_nms_batched",
     "matrix_nms_boxes",

@@ -89,6 +89,22 @@ def _dense_crf_backward(ctx, grad):
     return (g,) + (None,) * 7
 
 
+def register_esp_pyramid_autograd(op: str, backward_op) -> None:
+    """Autograd for ``op`` (esp_pyramid's schema: x, weight, first_channels, dilations) through
+    ``backward_op``, which returns the grads of (x, weight)."""
+
+    def setup(ctx, inputs, output):
+        x, weight, ctx.first, ctx.dilations = inputs
+        ctx.save_for_backward(x, weight)
+
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        gx, gw = backward_op(grad.contiguous(), x, weight, ctx.first, ctx.dilations)
+        return gx, gw, None, None
+
+    torch.library.register_autograd(op, backward, setup_context=setup)
+
+
 def register_compiled() -> None:
     register_separable_conv2d_autograd("fastseg::separable_conv2d",
                                        torch.ops.fastseg._separable_conv2d_backward)
@@ -98,3 +114,4 @@ def register_compiled() -> None:
     torch.library.register_autograd("fastseg::roi_upsample", _roi_upsample_backward,
                                     setup_context=_roi_upsample_setup)
     torch.library.register_autograd("fastseg::dense_crf", _dense_crf_backward, setup_context=_dense_crf_setup)
+    register_esp_pyramid_autograd("fastseg::esp_pyramid", torch.ops.fastseg._esp_pyramid_backward)

@@ -105,3 +105,14 @@ def _dynamic_mask_head_fake(kernels, features, mask_thr):
 @torch.library.register_fake("fastseg::matrix_nms_packed_decay")
 def _matrix_nms_packed_decay_fake(masks, labels, order, mask_area, kernel, sigma):
     return order.new_empty(order.shape, dtype=torch.float64)
+
+
+@torch.library.register_fake("fastseg::esp_pyramid")
+def _esp_pyramid_fake(x, weight, first_channels, dilations):
+    return x.new_empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]))
+
+
+@torch.library.register_fake("fastseg::_esp_pyramid_backward")
+def _esp_pyramid_backward_fake(grad_out, x, weight, first_channels, dilations):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(weight, memory_format=torch.contiguous_format))

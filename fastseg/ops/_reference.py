@@ -18,6 +18,7 @@ __all__ = [
     "dense_crf_exact",
     "dense_crf_pydensecrf",
     "dynamic_mask_head",
+    "esp_pyramid",
     "fixed_padding",
     "matrix_nms",
     "matrix_nms_boxes",
@@ -618,3 +619,18 @@ def dense_crf_pydensecrf(unary: Tensor, image: Tensor, *, iterations: int = 5, p
         crf.addPairwiseBilateral(sxy=bi_sxy, srgb=bi_srgb, rgbim=np.ascontiguousarray(rgb), compat=bi_compat)
         out.append(torch.from_numpy(np.array(crf.inference(iterations), dtype=np.float32)).view(c, h, w))
     return torch.stack(out).to(device=unary.device, dtype=unary.dtype) if out else torch.zeros_like(unary)
+
+
+def esp_pyramid(x: Tensor, weights: Tensor | list[Tensor] | tuple[Tensor, ...], *,
+                dilations: tuple[int, ...] | list[int] = (1, 2, 4, 8, 16)) -> Tensor:
+    """ESPNet's ESP core as the paper writes it: K parallel 3×3 convs of x with dilations
+    dilations[k] (padding = dilation, no bias), then hierarchical feature fusion: the concat of
+    [y1, y2, y2 + y3, y2 + y3 + y4, ...] (branch 1 is not added into the others).
+
+    x [N, C, H, W]; weights K tensors [d_k, C, 3, 3] (d_2 = ... = d_K) or one [K, d, C, 3, 3].
+    Returns [N, d_1 + (K - 1) d, H, W]."""
+    ys = [F.conv2d(x, w, padding=d, dilation=d) for w, d in zip(weights, dilations, strict=True)]
+    outs = ys[:1]
+    for y in ys[1:]:
+        outs.append(y if len(outs) == 1 else outs[-1] + y)
+    return torch.cat(outs, 1)
