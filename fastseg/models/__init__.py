@@ -31,6 +31,7 @@ _MODELS: dict[str, str] = {
     "deeplabv3": "deeplab:deeplabv3",
     "deeplabv3plus": "deeplab:deeplabv3plus",
     "pspnet": "pspnet:pspnet",
+    "danet": "danet:danet",
 }
 
 
