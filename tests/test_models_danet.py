@@ -233,3 +233,17 @@ def test_bad_arguments_raise_value_error(kw, arg):
 def test_bad_input_raises_value_error(r50):
     with pytest.raises(ValueError):
         r50(torch.randn(1, 4, 33, 33))
+
+
+def test_benchmark_rows_exist():
+    """The DANet model rows (512², 768²) and the PAM forward+backward rows against SDPA at N = 64², 96²."""
+    from fastseg.bench import models as bench_models
+    from fastseg.bench.cases import get_cases
+
+    by_name = {c.name: c for c in get_cases("models")}
+    assert [by_name[f"danet_{s}"].params["H"] for s in (512, 768)] == [512, 768]
+    pam = {c.name: c for c in get_cases("position_attention")}
+    for side in (512, 768):
+        case = pam[f"danet_{side}_vs_sdpa_train"]
+        assert case.mode == "fwd+bwd" and case.params["baseline"] == "_reference.position_attention_sdpa"
+    assert bench_models.DANET_SIZES == (512, 768)
