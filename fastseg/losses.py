@@ -6,6 +6,8 @@
 * :func:`weighted_cross_entropy` — the paper's pixel-wise softmax cross entropy weighted by such a map.
 * :func:`aux_loss` — CE(out) + 0.4·CE(aux) (PSPNet's deep supervision) with ``ignore_index=255``
   (PASCAL VOC's boundary label, as DeepLab and PSPNet train).
+* :func:`danet_loss` — DANet's CE(out) + CE(pam) + CE(cam): the fused and both attention branches'
+  classifiers, weighted equally as in the authors' code.
 
 Example::
 
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import Tensor
 
-__all__ = ["aux_loss", "unet_weight_map", "weighted_cross_entropy"]
+__all__ = ["aux_loss", "unet_weight_map", "weighted_cross_entropy", "danet_loss"]
 
 
 def unet_weight_map(instance_masks: Tensor | np.ndarray, w0: float = 10.0, sigma: float = 5.0, *,
@@ -196,4 +198,44 @@ def aux_loss(outputs: Mapping[str, Tensor], target: Tensor, aux_weight: float = 
     if aux is not None:
         _check_logits_target(aux, target, "outputs['aux']")
         loss = loss + aux_weight * _ce_mean(aux, target, ignore_index)
+    return loss
+
+
+def danet_loss(outputs: Mapping[str, Tensor], target: Tensor, weights: Sequence[float] = (1.0, 1.0, 1.0),
+               ignore_index: int = 255) -> Tensor:
+    """DANet's loss: w0·CE(``outputs["out"]``) + w1·CE(``outputs["pam"]``) + w2·CE(``outputs["cam"]``),
+    the sum-fusion classifier and the position / channel attention branches' (the authors'
+    ``SegmentationMultiLosses`` sums the three with equal weights). The branch terms are skipped
+    when the model did not return them (eval mode), leaving CE(out).
+
+    Each cross entropy is the mean over pixels whose target is not ``ignore_index`` (0 when all are);
+    logits at another resolution than the target are upsampled bilinearly (align_corners=False) first.
+
+    Args:
+        outputs: :class:`fastseg.models.danet.DANet`'s dict: ``"out"`` and optionally ``"pam"``,
+            ``"cam"``, each [N, K, h, w].
+        target: [N, H, W] int64 labels.
+        weights: (out, pam, cam) weights, each ≥ 0.
+        ignore_index: label excluded from the loss.
+
+    Example::
+
+        >>> outs = {k: torch.randn(2, 19, 33, 33) for k in ("out", "pam", "cam")}
+        >>> danet_loss(outs, torch.randint(0, 19, (2, 33, 33)))     # CE(out) + CE(pam) + CE(cam)
+        tensor(...)
+    """
+    if not isinstance(outputs, Mapping) or "out" not in outputs:
+        raise ValueError(f"outputs must be a dict with an 'out' entry, got "
+                         f"{sorted(outputs) if isinstance(outputs, Mapping) else type(outputs).__name__}")
+    weights = tuple(weights)
+    if len(weights) != 3 or not all(isinstance(w, (int, float)) and w >= 0 for w in weights):
+        raise ValueError(f"weights must be 3 non-negative numbers (out, pam, cam), got {weights!r}")
+    loss = None
+    for key, w in zip(("out", "pam", "cam"), weights, strict=True):
+        logits = outputs.get(key)
+        if logits is None:
+            continue
+        _check_logits_target(logits, target, f"outputs[{key!r}]")
+        term = w * _ce_mean(logits, target, ignore_index)
+        loss = term if loss is None else loss + term
     return loss

@@ -147,6 +147,29 @@ def test_cpu_never_builds_the_nxn_matrix():
     assert biggest < 64 * 64 * 64 * 64 * 4 / 8, f"an allocation of {biggest} bytes"
 
 
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+@pytest.mark.parametrize("shape", [(3, 4, 6, 1, 11), (2, 5, 9, 23, 29), (1, 3, 4, 1, 1)], ids=str)
+def test_cpu_backward_thread_chunks(threads, shape):
+    """The one-pass backward cuts its (image, key block) tasks into one chunk per thread, each with its
+    own dQ partial over the images it touches (a chunk may straddle images, or hold part of one):
+    every split gives the float64 reference's gradients, and a given thread count the same bits."""
+    b, ck, c, h, w = shape
+    torch.manual_seed(b * 100 + h)
+    q, k = torch.randn(b, ck, h, w, dtype=torch.float64), torch.randn(b, ck, h, w, dtype=torch.float64)
+    v, g = torch.randn(b, c, h, w, dtype=torch.float64), torch.randn(b, c, h, w, dtype=torch.float64)
+    leaves = [t.requires_grad_(True) for t in (q, k, v)]
+    want = torch.autograd.grad(_reference.position_attention(*leaves), leaves, g)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        runs = [torch.autograd.grad(ops.position_attention(*leaves, backend="cpu"), leaves, g) for _ in range(2)]
+    finally:
+        torch.set_num_threads(saved)
+    for name, got, again, ref in zip("qkv", *runs, want, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-11, msg=f"grad {name}")
+        assert torch.equal(got, again), f"grad {name} differs between two runs"
+
 BAD = [
     ("q/k channel mismatch", dict(k=torch.randn(1, 3, 5, 6)), {}, "q and k must have the same shape"),
     ("spatial mismatch q/v", dict(v=torch.randn(1, 7, 5, 5)), {}, "spatial mismatch"),

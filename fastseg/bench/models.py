@@ -5,7 +5,8 @@ DeepLabV3Plus / PSPNet / Unet (``encoder_weights=None``) as peer baselines in ro
 (``<model>_vs_smp``; the peer is named in the row's ``baseline`` and ``peer`` params).
 
 - Input: RGB (U-Net too: ``in_channels=3``), 513x513 (ESPNet: 1024x512 and 20 classes, its Cityscapes
-  setting), batch ``batch`` on CPU and ``CUDA_BATCH`` x ``batch`` on CUDA; U-Net in valid mode at 508x508
+  setting), DANet at 512x512 and 768x768 (two rows: its eager N×N attention map is the memory
+  story), batch ``batch`` on CPU and ``CUDA_BATCH`` x ``batch`` on CUDA; U-Net in valid mode at 508x508
   (the valid size nearest 513; 324x324 out); the peer rows at 512x512 (smp needs sides divisible by its
   output stride). ``--quick``: a quarter-width DeepLab v3+ at 97x97 only.
 - Weights: seeded random init; BatchNorm statistics from one train-mode pass over two random images, so
@@ -32,8 +33,8 @@ from fastseg import ops
 from fastseg.bench.cases import Case, Inputs, SkipCase, register_op
 from fastseg.models import create_model, list_models
 
-__all__ = ["AUNET_SIZE", "CUDA_BATCH", "ESPNET_CLASSES", "ESPNET_SIZE", "PEER_SIZE", "QUICK_SIZE", "SIZE",
-           "UNET_VALID_SIZE", "aunet_time_shares", "model_cases"]
+__all__ = ["AUNET_SIZE", "CUDA_BATCH", "DANET_SIZES", "ESPNET_CLASSES", "ESPNET_SIZE", "PEER_SIZE", "QUICK_SIZE",
+           "SIZE", "UNET_VALID_SIZE", "aunet_time_shares", "model_cases"]
 
 NUM_CLASSES = 21  # PASCAL VOC
 SIZE = 513  # DeepLab's evaluation crop
@@ -44,6 +45,7 @@ CUDA_BATCH = 8
 ESPNET_SIZE = (512, 1024)  # (H, W): ESPNet's Cityscapes resolution
 ESPNET_CLASSES = 20  # ESPNet's Cityscapes classes (19 + background)
 UNET_VALID_SIZE = 508  # the valid U-Net input (16k + 124) nearest 513; its output is 184 px smaller
+DANET_SIZES = (512, 768)  # DANet rows: fused attention vs the eager N×N one, where memory matters
 _REFERENCE = "_reference backend (same model and weights)"
 _WEIGHTS = "seeded random init; BatchNorm statistics from one train-mode pass over 2 random images"
 _OWN_ROWS = {"aunet"}  # detectors: not semantic logits of a tensor; rows of their own below
@@ -85,6 +87,9 @@ def _rows() -> list[_ModelRow]:
             rows.append(_ModelRow(name, name, {"padding": "valid", "in_channels": 3}, UNET_VALID_SIZE,
                                   f"padding='valid' at {UNET_VALID_SIZE}x{UNET_VALID_SIZE}, the valid input size "
                                   f"nearest {SIZE} ({UNET_VALID_SIZE - 184}x{UNET_VALID_SIZE - 184} out)"))
+        elif name == "danet":  # the sizes: N = 64² and 96² attention positions at output stride 8
+            rows += [_ModelRow(f"danet_{side}", name, {}, side, f"{side}x{side}, ResNet-101 OS8, {NUM_CLASSES} classes")
+                     for side in DANET_SIZES]
         else:
             rows.append(_ModelRow(name, name, {}, SIZE))
     note = f"{PEER_SIZE}x{PEER_SIZE}: smp needs sides divisible by its output stride"

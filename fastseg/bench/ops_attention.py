@@ -87,11 +87,13 @@ def _danet_cases(op: str, batch: int) -> list[Case]:
 @register_op("position_attention")
 def position_attention_cases(batch: int = 1, quick: bool = False) -> list[Case]:
     """DANet PAM at 1/8 of 512², 768², 1024² inputs (N = 64², 96², 128²; C = 512, Ck = 64): forward,
-    and forward+backward at 512² and 768², against the eager formulation; the 768² ones also against
-    ``F.scaled_dot_product_attention`` (scale=1) on the same tensors."""
+    and forward+backward at 512² and 768², against the eager formulation; the 768² ones (forward and
+    forward+backward) and the 512² forward+backward also against ``F.scaled_dot_product_attention``
+    (scale=1) on the same tensors."""
     op, sdpa = "position_attention", "position_attention_sdpa"
     return _danet_cases(op, batch) + [
-        _attention_case(op, "danet_768_vs_sdpa", 768, batch, train, False, eager=sdpa) for train in (False, True)]
+        _attention_case(op, "danet_768_vs_sdpa", 768, batch, train, False, eager=sdpa) for train in (False, True)] + [
+        _attention_case(op, "danet_512_vs_sdpa", 512, batch, True, False, eager=sdpa)]
 
 
 @register_op("channel_attention")

@@ -36,6 +36,7 @@ _MODELS: dict[str, str] = {
     "espnet_b": "espnet:espnet_b",
     "espnet_c": "espnet:espnet_c",
     "espnet": "espnet:espnet",
+    "danet": "danet:danet",
 }
 
 

@@ -5,11 +5,12 @@
 // (BLAS), online softmax (running row max m and sum l; when m grows, the partial sums so far are
 // rescaled by exp(m_old - m_new)), out_blk += V_blk Pᵀ (BLAS) accumulated in the zeroed output.
 // Epilogue: out_blk /= l, lse = m + log l.
-// Backward (flash-attention 2): D = colsum(dO ∘ O); pass 1, one task per (image, key block),
-// recomputes P = exp(S - lse) and dS = P ∘ (dOᵀ V - D) and accumulates dV += dO P, dK += Q dS;
-// pass 2, one task per (image, query block), recomputes dS and accumulates dQ += K dSᵀ. Every
-// gradient element has one writer and a fixed summation order: no atomics, the same bits on every
-// run (the tiles, and so the bits, may change with the thread count for small images).
+// Backward (flash-attention 2): D = colsum(dO ∘ O); then one pass, one task per (image, key block),
+// recomputes P = exp(S - lse) and dS = P ∘ (dOᵀ V - D) per tile and accumulates dV += dO P,
+// dK += Q dS and dQ += K dSᵀ (into per-thread partials, summed in a fixed order): five GEMMs per
+// tile, where a separate dQ pass would recompute S and dOᵀ V (C + 2 Ck more per element). No
+// atomics, the same bits on every run (the tiles and the dQ partials, and so the bits, may change
+// with the thread count).
 //
 // float and double are their own opmath types, so scratch, outputs and lse all share the input dtype.
 #include <ATen/Dispatch.h>
@@ -159,8 +160,8 @@ template <typename T>
 void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                      at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v) {
-  const Planes<T> dO(grad_out), Q(q), K(k), V(v), O(out), dQ(grad_q), dK(grad_k), dV(grad_v);
-  const int64_t B = q.size(0), C = V.rows, N = Q.N;
+  const Planes<T> dO(grad_out), Q(q), K(k), V(v), O(out), dK(grad_k), dV(grad_v);
+  const int64_t B = q.size(0), Ck = Q.rows, C = V.rows, N = Q.N;
   const Tiles t = pick_tiles(B, N);
   const int64_t q_blocks = (N + t.q - 1) / t.q, k_blocks = (N + t.k - 1) / t.k;
   const auto opts = q.options();
@@ -180,53 +181,52 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
     }
   });
 
-  // One tile of queries [i0, i0 + nq) x keys [j0, j0 + nk): P = exp(S - lse) into p and
-  // dS = P ∘ (dOᵀ V - D) into ds.
-  auto score_grads = [&](at::Tensor& p, at::Tensor& ds, int64_t b, int64_t i0, int64_t j0) {
-    at::mm_out(p, Q.block(b, i0, p.size(0)).t(), K.block(b, j0, p.size(1)));
-    exp_shifted_rows(p, lse_p + b * N + i0);
-    at::mm_out(ds, dO.block(b, i0, p.size(0)).t(), V.block(b, j0, p.size(1)));
-    const T *pp = p.const_data_ptr<T>(), *d = delta_p + b * N + i0;
-    T* dsp = ds.mutable_data_ptr<T>();
-    const int64_t nk = p.size(1);
-    for (int64_t r = 0; r < p.size(0); ++r) {
-      const T dr = d[r];
-      for (int64_t j = 0; j < nk; ++j) dsp[r * nk + j] = pp[r * nk + j] * (dsp[r * nk + j] - dr);
-    }
-  };
-
-  // Pass 1: dV and dK, one key block per task.
-  at::parallel_for(0, B * k_blocks, 1, [&](int64_t begin, int64_t end) {
+  // One pass, one task per (image, key block), looping over the query blocks: each tile recomputes
+  // P = exp(S - lse) and dS = P ∘ (dOᵀ V - D) once and feeds all three gradients. dV and dK of the
+  // key block have this task as their only writer; dQ sums over key blocks, so the tasks are cut
+  // into one contiguous chunk per thread, each chunk accumulates into its own dQ partial over the
+  // images it touches, and the partials are added in chunk order afterwards: no atomics, and the
+  // bits depend only on the thread count. The partials cost Ck·N per thread, not N².
+  const int64_t tasks = B * k_blocks;
+  const int64_t chunks = std::min<int64_t>(at::get_num_threads(), tasks);
+  std::vector<at::Tensor> dq_parts(chunks);  // chunk c: [images it touches, Ck, H, W]
+  auto chunk_begin = [&](int64_t c) { return c * tasks / chunks; };
+  auto run_chunk = [&](int64_t c) {
+    const int64_t begin = chunk_begin(c), end = chunk_begin(c + 1), b0 = begin / k_blocks;
+    dq_parts[c] = at::zeros({(end - 1) / k_blocks - b0 + 1, Ck, q.size(2), q.size(3)}, opts);
+    const Planes<T> dQ(dq_parts[c]);
     auto scratch = at::empty({2, t.q * t.k}, opts);
     T *p_buf = scratch[0].mutable_data_ptr<T>(), *ds_buf = scratch[1].mutable_data_ptr<T>();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / k_blocks, j0 = task % k_blocks * t.k, nk = std::min(t.k, N - j0);
+      const auto k_blk = K.block(b, j0, nk), v_blk = V.block(b, j0, nk);
       auto dv_blk = dV.block(b, j0, nk), dk_blk = dK.block(b, j0, nk);
       for (int64_t i0 = 0; i0 < N; i0 += t.q) {
         const int64_t nq = std::min(t.q, N - i0);
-        auto p = tile(p_buf, nq, nk, opts), ds = tile(ds_buf, nq, nk, opts);
-        score_grads(p, ds, b, i0, j0);
-        dv_blk.addmm_(dO.block(b, i0, nq), p);
-        dk_blk.addmm_(Q.block(b, i0, nq), ds);
+        at::Tensor p = tile(p_buf, nq, nk, opts), ds = tile(ds_buf, nq, nk, opts);
+        const auto q_blk = Q.block(b, i0, nq), do_blk = dO.block(b, i0, nq);
+        at::mm_out(p, q_blk.t(), k_blk);
+        exp_shifted_rows(p, lse_p + b * N + i0);
+        at::mm_out(ds, do_blk.t(), v_blk);
+        const T *pp = p.const_data_ptr<T>(), *d = delta_p + b * N + i0;
+        T* dsp = ds.mutable_data_ptr<T>();
+        for (int64_t r = 0; r < nq; ++r) {
+          const T dr = d[r];
+#pragma omp simd
+          for (int64_t j = 0; j < nk; ++j) dsp[r * nk + j] = pp[r * nk + j] * (dsp[r * nk + j] - dr);
+        }
+        dv_blk.addmm_(do_blk, p);
+        dk_blk.addmm_(q_blk, ds);
+        dQ.block(b - b0, i0, nq).addmm_(k_blk, ds.t());
       }
     }
+  };
+  at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) run_chunk(c);
   });
-
-  // Pass 2: dQ, one query block per task.
-  at::parallel_for(0, B * q_blocks, 1, [&](int64_t begin, int64_t end) {
-    auto scratch = at::empty({2, t.q * t.k}, opts);
-    T *p_buf = scratch[0].mutable_data_ptr<T>(), *ds_buf = scratch[1].mutable_data_ptr<T>();
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / q_blocks, i0 = task % q_blocks * t.q, nq = std::min(t.q, N - i0);
-      auto dq_blk = dQ.block(b, i0, nq);
-      for (int64_t j0 = 0; j0 < N; j0 += t.k) {
-        const int64_t nk = std::min(t.k, N - j0);
-        auto p = tile(p_buf, nq, nk, opts), ds = tile(ds_buf, nq, nk, opts);
-        score_grads(p, ds, b, i0, j0);
-        dq_blk.addmm_(K.block(b, j0, nk), ds.t());
-      }
-    }
-  });
+  for (int64_t c = 0; c < chunks; ++c) {
+    grad_q.narrow(0, chunk_begin(c) / k_blocks, dq_parts[c].size(0)).add_(dq_parts[c]);
+  }
 }
 
 void check_cpu(const at::Tensor& q) {
