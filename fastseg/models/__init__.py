@@ -31,6 +31,9 @@ _MODELS: dict[str, str] = {
     "deeplabv3": "deeplab:deeplabv3",
     "deeplabv3plus": "deeplab:deeplabv3plus",
     "pspnet": "pspnet:pspnet",
+    "solo": "solo:solo",
+    "decoupled_solo": "solo:decoupled_solo",
+    "solov2": "solo:solov2",
 }
 
 

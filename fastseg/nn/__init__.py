@@ -1,6 +1,7 @@
 """nn.Modules on top of fastseg's fused ops."""
 
 from fastseg.nn.attention import ChannelAttention, DANetHead, PositionAttention
+from fastseg.nn.blocks import ConvGNReLU, add_coords, conv_gn_stack, coord_channels
 from fastseg.nn.conv import SeparableConv2d
 from fastseg.nn.crf import DenseCRF
 from fastseg.nn.heads import ASPP, ASPPL, AuxHead, DeepLabV3PlusDecoder, PyramidPooling
@@ -11,6 +12,7 @@ __all__ = [
     "ASPPL",
     "AuxHead",
     "ChannelAttention",
+    "ConvGNReLU",
     "DANetHead",
     "DeepLabV3PlusDecoder",
     "DenseCRF",
@@ -19,4 +21,7 @@ __all__ = [
     "RoIAlign",
     "RoIUpsample",
     "SeparableConv2d",
+    "add_coords",
+    "conv_gn_stack",
+    "coord_channels",
 ]
