@@ -14,9 +14,10 @@ from fastseg.ops._backend import (
 )
 from fastseg.ops.attention import channel_attention, position_attention
 from fastseg.ops.crf import dense_crf
-from fastseg.ops.nms import matrix_nms, matrix_nms_batched, matrix_nms_boxes
+from fastseg.ops.nms import matrix_nms, matrix_nms_batched, matrix_nms_boxes, matrix_nms_packed
 from fastseg.ops.roi import roi_align, roi_upsample
 from fastseg.ops.separable_conv import separable_conv2d
+from fastseg.ops.solo import DynamicMasks, dynamic_mask_head, unpack_masks
 
 if _extension.has_ops():
     # Registered only when fastseg._C loaded: their ops do not exist otherwise.
@@ -27,16 +28,20 @@ if _extension.has_ops():
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "DynamicMasks",
     "available_backends",
     "backend_status",
     "channel_attention",
     "dense_crf",
+    "dynamic_mask_head",
     "matrix_nms",
     "matrix_nms_batched",
     "matrix_nms_boxes",
+    "matrix_nms_packed",
     "position_attention",
     "roi_align",
     "roi_upsample",
     "separable_conv2d",
+    "unpack_masks",
     "use_backend",
 ]

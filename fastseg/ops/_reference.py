@@ -17,12 +17,15 @@ __all__ = [
     "dense_crf",
     "dense_crf_exact",
     "dense_crf_pydensecrf",
+    "dynamic_mask_head",
     "fixed_padding",
     "matrix_nms",
     "matrix_nms_boxes",
     "matrix_nms_boxes_decay",
     "matrix_nms_decay",
     "matrix_nms_finish",
+    "matrix_nms_packed_decay",
+    "pack_bits",
     "position_attention",
     "position_attention_sdpa",
     "roi_align",
@@ -32,6 +35,7 @@ __all__ = [
     "rois_to_tensor",
     "score_order",
     "separable_conv2d",
+    "unpack_bits",
 ]
 
 
@@ -361,6 +365,46 @@ def matrix_nms_boxes(boxes: Tensor, labels: Tensor, scores: Tensor, *, kernel: s
     order = score_order(scores, nms_pre)
     decay = matrix_nms_boxes_decay(boxes, labels, order, kernel, sigma)
     return matrix_nms_finish(scores, labels, boxes, order, decay, filter_thr, max_num)
+
+
+# ---- SOLOv2 dynamic mask head and bit-packed masks ------------------------------------------------
+
+
+def pack_bits(binary: Tensor) -> Tensor:
+    """bool [n, P] -> int64 [n, ceil(P/64)]: bit b of word w is pixel 64·w + b; the padding bits are 0."""
+    n, p = binary.shape
+    words = (p + 63) // 64
+    padded = F.pad(binary.to(torch.int64), (0, words * 64 - p)).view(n, words, 64)
+    # Distinct powers of two: the sum never carries, so bit 63 (the sign) needs no care.
+    return (padded << torch.arange(64, device=binary.device)).sum(-1)
+
+
+def unpack_bits(bits: Tensor, num_pixels: int) -> Tensor:
+    """int64 [n, words] -> bool [n, num_pixels]: the inverse of :func:`pack_bits`."""
+    shifts = torch.arange(64, device=bits.device)
+    return ((bits.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :num_pixels]
+
+
+def dynamic_mask_head(kernels: Tensor, features: Tensor, mask_thr: float) -> tuple[Tensor, Tensor, Tensor]:
+    """SOLOv2's mask prediction the way mmdet writes it: the n float masks sigmoid(kernels [n, E] ·
+    features [E, H, W]) in the input dtype, thresholded (strictly greater), their pixel counts and the
+    mean probability inside each mask (0 for an empty one, accumulated in float32 or float64).
+    Returns (bit-packed masks int64 [n, ceil(H·W/64)], areas float32 [n], maskness [n] in the input dtype)."""
+    prob = torch.sigmoid(kernels @ features.reshape(features.shape[0], -1))
+    binary = prob > mask_thr
+    count = binary.sum(1)
+    acc = torch.float64 if prob.dtype == torch.float64 else torch.float32
+    inside = (prob.to(acc) * binary).sum(1)
+    maskness = torch.where(count > 0, inside / count.clamp(min=1).to(acc), torch.zeros_like(inside))
+    return pack_bits(binary), count.to(torch.float32), maskness.to(prob.dtype)
+
+
+def matrix_nms_packed_decay(bits: Tensor, labels: Tensor, order: Tensor, mask_area: Tensor, kernel: str,
+                            sigma: float) -> Tensor:
+    """:func:`matrix_nms_decay` of bit-packed masks int64 [n0, words] with their areas [n0] (unpacked to a
+    float copy, mmdet's way)."""
+    masks = unpack_bits(bits, bits.shape[1] * 64).unsqueeze(1)  # [n0, 1, words·64]
+    return matrix_nms_decay(masks, labels, order, mask_area, kernel, sigma)
 
 
 # ---- Dense CRF (Krähenbühl & Koltun; pydensecrf semantics) ----------------------------------------

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from fastseg.ops import _backend, _reference
 
-__all__ = ["matrix_nms", "matrix_nms_batched", "matrix_nms_boxes"]
+__all__ = ["matrix_nms", "matrix_nms_batched", "matrix_nms_boxes", "matrix_nms_packed"]
 
 _KERNELS = ("gaussian", "linear")
 
@@ -170,6 +170,52 @@ def matrix_nms_boxes(boxes: Tensor, labels: Tensor, scores: Tensor, *, kernel: s
     return _reference.matrix_nms_finish(scores, labels, boxes, order, decay, filter_thr, max_num)
 
 
+def matrix_nms_packed(masks: Tensor, num_pixels: int, labels: Tensor, scores: Tensor, *, mask_area: Tensor,
+                      kernel: str = "gaussian", sigma: float = 2.0, filter_thr: float = -1, nms_pre: int = -1,
+                      max_num: int = -1, backend: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`matrix_nms` of bit-packed binary masks, as :func:`fastseg.ops.dynamic_mask_head` returns them.
+
+    Same semantics (sorting, ``nms_pre``, decay, ``filter_thr``, ``max_num``) and the same ``keep_inds``
+    as ``matrix_nms`` on the unpacked masks with the same ``mask_area``; the masks are never unpacked by
+    the cpu and cuda backends (intersections are AND + popcount of the words). No masks are returned:
+    the caller indexes (or recomputes) what it needs with ``keep_inds``.
+
+    Args:
+        masks: int64 [n, ceil(num_pixels/64)]: bit b of word w is pixel 64·w + b; bits past num_pixels 0.
+        num_pixels: H·W of the masks.
+        labels: [n] integer class of each mask.
+        scores: [n] floating scores.
+        mask_area: [n] floating areas (the pixel counts; ``dynamic_mask_head`` returns them).
+
+    Returns:
+        (scores, labels, keep_inds): the kept masks by decayed score, descending; keep_inds index the inputs.
+
+    Example::
+
+        >>> out = dynamic_mask_head(kernels, features)  # kernels [500, 256], features [256, 200, 304]
+        >>> scores, labels, keep_inds = matrix_nms_packed(out.masks, 200 * 304, cate_labels, out.scores,
+        ...                                               mask_area=out.areas, filter_thr=0.05, max_num=100)
+    """
+    if not isinstance(num_pixels, int) or isinstance(num_pixels, bool) or num_pixels < 0:
+        raise ValueError(f"num_pixels must be an int >= 0, got {num_pixels!r}")
+    words = (num_pixels + 63) // 64
+    if not isinstance(masks, Tensor) or masks.dim() != 2 or masks.dtype != torch.int64 or masks.shape[1] != words:
+        raise ValueError(f"masks must be int64 [n, {words}] (bit-packed, {num_pixels} pixels), got "
+                         f"{getattr(masks, 'dtype', masks)} {getattr(masks, 'shape', '')}")
+    _check(masks, labels, scores, kernel, sigma, "mask")
+    if mask_area is None:
+        raise ValueError("mask_area is required for packed masks (dynamic_mask_head returns it as areas)")
+    _check_area(mask_area, masks)
+    if masks.shape[0] == 0:
+        s, lab, _, keep = _empty(scores, labels, masks)
+        return s, lab, keep
+    order = _reference.score_order(scores, nms_pre)
+    impl = _backend.resolve("matrix_nms_packed", masks.device, backend)
+    decay = impl(masks, labels, order, mask_area, kernel, float(sigma))
+    s, lab, _, keep = _reference.matrix_nms_finish(scores, labels, masks, order, decay, filter_thr, max_num)
+    return s, lab, keep
+
+
 def _compiled_masks(*args):
     return torch.ops.fastseg.matrix_nms_decay(*args)
 
@@ -188,6 +234,7 @@ _backend.register("matrix_nms", "reference", _reference.matrix_nms_decay)
 _backend.register("matrix_nms", "cpu", _compiled_masks, kernel="fastseg::matrix_nms_decay")
 _backend.register("matrix_nms", "cuda", _compiled_masks, kernel="fastseg::matrix_nms_decay")
 _backend.register("matrix_nms", "triton", _triton_masks)
+_backend.register("matrix_nms_packed", "reference", _reference.matrix_nms_packed_decay)
 _backend.register("matrix_nms_boxes", "reference", _reference.matrix_nms_boxes_decay)
 _backend.register("matrix_nms_boxes", "cpu", _compiled_boxes, kernel="fastseg::matrix_nms_boxes_decay")
 _backend.register("matrix_nms_boxes", "cuda", _compiled_boxes, kernel="fastseg::matrix_nms_boxes_decay")
