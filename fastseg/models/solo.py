@@ -170,19 +170,8 @@ class _SOLOBase(nn.Module):
                  device: torch.device) -> list[list[LevelTargets]]:
         """targets[image][level] from the images' masks, zero-padded to the batch size."""
         out = []
-        for b, t in enumerate(targets):
-            if not isinstance(t, dict) or "masks" not in t or "labels" not in t:
-                raise ValueError(f"targets[{b}] must be a dict with 'masks' and 'labels'")
+        for t in targets:
             masks, labels = t["masks"], t["labels"]
-            if not isinstance(masks, Tensor) or masks.dim() != 3:
-                raise ValueError(f"targets[{b}]['masks'] must be a bool [n, H, W] tensor, got "
-                                 f"{getattr(masks, 'shape', masks)}")
-            if not isinstance(labels, Tensor) or labels.shape != masks.shape[:1] or labels.is_floating_point():
-                raise ValueError(f"targets[{b}]['labels'] must be an int64 [{masks.shape[0]}] tensor")
-            if labels.numel() and (int(labels.min()) < 1 or int(labels.max()) > self.num_classes):
-                raise ValueError(f"targets[{b}]['labels'] must be in 1..{self.num_classes}")
-            if masks.shape[1] > padded[0] or masks.shape[2] > padded[1]:
-                raise ValueError(f"targets[{b}]['masks'] are {tuple(masks.shape[1:])}, larger than the image")
             full = masks.new_zeros((masks.shape[0], *padded), dtype=torch.bool).to(device)
             full[:, : masks.shape[1], : masks.shape[2]] = masks.to(device).bool()
             geometry = mask_geometry(full)
@@ -209,10 +198,19 @@ class _SOLOBase(nn.Module):
         if not isinstance(targets, (list, tuple)) or len(targets) != len(images):
             raise ValueError(f"targets must be a list of {len(images)} dicts, one per image")
         for b, (img, t) in enumerate(zip(images, targets, strict=True)):
-            if isinstance(t, dict) and isinstance(t.get("masks"), Tensor) and t["masks"].dim() == 3 \
-                    and tuple(t["masks"].shape[1:]) != tuple(img.shape[1:]):
-                raise ValueError(f"targets[{b}]['masks'] are {tuple(t['masks'].shape[1:])} but images[{b}] is "
+            if not isinstance(t, dict) or "masks" not in t or "labels" not in t:
+                raise ValueError(f"targets[{b}] must be a dict with 'masks' and 'labels'")
+            masks, labels = t["masks"], t["labels"]
+            if not isinstance(masks, Tensor) or masks.dim() != 3:
+                raise ValueError(f"targets[{b}]['masks'] must be a bool [n, H, W] tensor, got "
+                                 f"{getattr(masks, 'shape', masks)}")
+            if tuple(masks.shape[1:]) != tuple(img.shape[1:]):
+                raise ValueError(f"targets[{b}]['masks'] are {tuple(masks.shape[1:])} but images[{b}] is "
                                  f"{tuple(img.shape[1:])}")
+            if not isinstance(labels, Tensor) or labels.shape != masks.shape[:1] or labels.is_floating_point():
+                raise ValueError(f"targets[{b}]['labels'] must be an int64 [{masks.shape[0]}] tensor")
+            if labels.numel() and (int(labels.min()) < 1 or int(labels.max()) > self.num_classes):
+                raise ValueError(f"targets[{b}]['labels'] must be in 1..{self.num_classes}")
 
     # --- inference -----------------------------------------------------------------------------------------
 
@@ -264,12 +262,13 @@ class _SOLOBase(nn.Module):
     def forward(self, images: Sequence[Tensor], targets: Sequence[dict] | None = None):
         """Train: dict of losses (``loss_cls``, ``loss_mask``); eval: a list of per-image result dicts."""
         x = self._batch(images)
+        if self.training:
+            self._check_train_inputs(images, targets)
         padded = (x.shape[2], x.shape[3])
         feats = self.backbone(x)
         levels = self._levels(feats)
         cls_logits = [self._category(lvl, g) for lvl, g in zip(levels, self.grids, strict=True)]
         if self.training:
-            self._check_train_inputs(images, targets)
             return self._train(feats, levels, cls_logits, targets, padded)
         sizes = [tuple(img.shape[1:]) for img in images]
         return self._predict(feats, levels, cls_logits, padded, sizes)
