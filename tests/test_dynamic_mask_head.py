@@ -12,7 +12,7 @@ from conftest import TOL
 from fastseg import ops
 from fastseg.ops import _reference
 
-BACKENDS = ["reference"]
+BACKENDS = ["reference", "cpu"]
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 # (n, E, H, W): empty, 1 pixel, H·W = 64 exactly, odd and prime sizes, a wide E.
 SHAPES = [(0, 8, 5, 7), (1, 3, 1, 1), (13, 17, 9, 11), (31, 64, 8, 8), (7, 5, 13, 19), (37, 256, 25, 38)]
@@ -132,7 +132,7 @@ def test_bad_input():
 
 # ---- matrix_nms_packed ---------------------------------------------------------------------------
 
-NMS_BACKENDS = ["reference"]
+NMS_BACKENDS = ["reference", "cpu"]
 
 
 def nms_sample(n: int, classes: int, h: int, w: int, seed: str):
@@ -202,3 +202,87 @@ def test_pipeline_matches_mmdet_style():
                                  filter_thr=0.05, max_num=20)
     assert torch.equal(got[2], want[3])
     torch.testing.assert_close(got[0], want[0])
+
+
+# ---- opcheck, torch.compile ----------------------------------------------------------------------
+
+
+def test_opcheck_cpu():
+    for shape in ((0, 8, 5, 7), (13, 17, 9, 11)):
+        kernels, features = sample_inputs(*shape)
+        torch.library.opcheck(torch.ops.fastseg.dynamic_mask_head.default, (kernels, features, 0.5))
+    masks, labels, scores = nms_sample(23, 2, 9, 11, "opcheck")
+    packed = _reference.pack_bits(masks.flatten(1))
+    order = torch.sort(scores, descending=True, stable=True).indices
+    torch.library.opcheck(torch.ops.fastseg.matrix_nms_packed_decay.default,
+                          (packed, labels, order, masks.sum((1, 2)).float(), "gaussian", 2.0))
+
+
+def test_compile_fullgraph():
+    """dynamic_mask_head compiles without graph breaks (matrix_nms_packed, like matrix_nms, has
+    data-dependent output sizes: no fullgraph there)."""
+    kernels, features = sample_inputs(19, 16, 9, 11, seed="compile")
+    strides = torch.full((19,), 8.0)
+    score = torch.rand(19)
+
+    def head(k, f, s, st):
+        return ops.dynamic_mask_head(k, f, strides=st, score=s, backend="cpu")
+
+    torch._dynamo.reset()
+    got = torch.compile(head, fullgraph=True)(kernels, features, score, strides)
+    want = head(kernels, features, score, strides)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+
+
+# ---- GPU ------------------------------------------------------------------------------------------
+
+GPU_BACKENDS = ["cuda", "triton"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES + [(500, 256, 200, 304)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_matches_float64(backend, shape, dtype):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the triton backend takes float32, float16 and bfloat16")
+    kernels, features = sample_inputs(*shape, dtype=dtype, device="cuda")
+    out = ops.dynamic_mask_head(kernels, features, backend=backend)
+    check_against_float64(ops.DynamicMasks(*(t.cpu() for t in out)), kernels.cpu(), features.cpu(), 0.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_threshold_is_strict(backend):
+    kernels, features = sample_inputs(5, 9, 7, 11, seed="ties", device="cuda")
+    kernels[1] = 0
+    features[:, 2, :] = 0
+    out = ops.dynamic_mask_head(kernels, features, backend=backend)
+    got = ops.unpack_masks(out.masks, 7, 11)
+    assert not got[1].any() and not got[:, 2, :].any() and out.areas[1] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("n,classes,h,w", [(1, 1, 3, 3), (61, 3, 8, 8), (500, 80, 200, 304), (4100, 2, 9, 13)])
+def test_gpu_matrix_nms_packed_equals_unpacked(backend, n, classes, h, w):
+    masks, labels, scores = nms_sample(n, classes, h, w, "gpu")
+    area = masks.sum((1, 2)).float()
+    packed = _reference.pack_bits(masks.flatten(1))
+    kw = dict(filter_thr=0.05, max_num=100)
+    got = ops.matrix_nms_packed(packed.cuda(), h * w, labels.cuda(), scores.cuda(), mask_area=area.cuda(),
+                                backend=backend, **kw)
+    want = ops.matrix_nms(masks, labels, scores, mask_area=area, backend="cpu", **kw)
+    assert torch.equal(got[2].cpu(), want[3])
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck_compile():
+    kernels, features = sample_inputs(37, 64, 25, 38, device="cuda")
+    torch.library.opcheck(torch.ops.fastseg.dynamic_mask_head.default, (kernels, features, 0.5))
+    torch.library.opcheck(torch.ops.fastseg.dynamic_mask_head_triton.default, (kernels, features, 0.5))
+    for backend in GPU_BACKENDS:
+        torch._dynamo.reset()
+        fn = torch.compile(lambda k, f, b=backend: ops.dynamic_mask_head(k, f, backend=b), fullgraph=True)
+        assert torch.equal(fn(kernels, features).masks, ops.dynamic_mask_head(kernels, features, backend=backend).masks)

@@ -42,6 +42,10 @@ the values), MODE 2 to the min ratio and ``atomic_min`` into an int64 order key 
 (negative decays, from a mask_area below the pixel counts, included). Integer atomics on exact
 values: either path is bit-identical between runs and to the other.
 
+Packed masks (``matrix_nms_packed_decay``, int64 words of 64 pixels as fastseg.ops.dynamic_mask_head
+returns them): the tiles above take 0/1 bytes for the int8 ``tl.dot``, so ``_unpack_bits_kernel``
+first expands the words to bytes on the device (n0 x words*64 bytes); the rest is the same path.
+
 Works on CUDA tensors and, under ``TRITON_INTERPRET=1``, on CPU tensors.
 """
 
@@ -54,7 +58,7 @@ from torch import Tensor
 
 from fastseg.triton_kernels._common import kernel as _kernel, on_device
 
-__all__ = ["matrix_nms_decay"]
+__all__ = ["matrix_nms_decay", "matrix_nms_packed_decay"]
 
 _KERNELS = ("gaussian", "linear")
 _FUSED_MIN_N = 4096  # above: no n x n buffer (64 MB at 4096), the intersections are computed twice
@@ -267,6 +271,21 @@ def _matrix_nms_decay_kernel(
     tl.store(out_ptr + dest, decay, mask=mask_q)
 
 
+@triton.jit
+def _unpack_bits_kernel(
+    bits_ptr,  # [n0 * words] int64 contiguous: bit b of word w is pixel 64 w + b
+    out_ptr,  # [n0 * words * 64] uint8 contiguous: one byte per pixel, 0 or 1
+    total_words,
+    BLOCK_W: tl.constexpr,  # words per program
+):
+    offs_w = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
+    mask = offs_w < total_words
+    words = tl.load(bits_ptr + offs_w, mask=mask, other=0)
+    shifts = tl.arange(0, 64).to(tl.int64)
+    bits = ((words[:, None] >> shifts[None, :]) & 1).to(tl.uint8)  # bit 63: >> keeps the sign, & 1 drops it
+    tl.store(out_ptr + offs_w[:, None].to(tl.int64) * 64 + shifts[None, :], bits, mask=mask[:, None])
+
+
 # ---- launcher (allocates outputs, picks block sizes) --------------------------------------------
 
 
@@ -422,3 +441,35 @@ def matrix_nms_decay(masks: Tensor, labels: Tensor, order: Tensor, mask_area: Te
         >>> decay = matrix_nms_decay(masks, labels, order, None, "gaussian", 2.0)  # masks [500, 200, 304]
     """
     return torch.ops.fastseg.matrix_nms_decay_triton(masks, labels, order, mask_area, str(kernel), float(sigma))
+
+
+@torch.library.triton_op("fastseg::matrix_nms_packed_decay_triton", mutates_args=())
+def _matrix_nms_packed_decay_triton(masks: Tensor, labels: Tensor, order: Tensor, mask_area: Tensor, kernel: str,
+                                    sigma: float) -> Tensor:
+    if masks.dim() != 2 or masks.dtype != torch.int64:
+        raise ValueError(f"masks must be int64 [n, words] (bit-packed), got {masks.dtype} of shape "
+                         f"{tuple(masks.shape)}")
+    n0, words = masks.shape
+    with on_device(masks):
+        unpacked = torch.empty((n0, 1, words * 64), device=masks.device, dtype=torch.uint8)
+        _check(unpacked, labels, order, mask_area, kernel, sigma)
+        if n0 * words:
+            block = 64
+            _kernel(_unpack_bits_kernel)[(triton.cdiv(n0 * words, block),)](masks.contiguous(), unpacked,
+                                                                            n0 * words, BLOCK_W=block, num_warps=4)
+        return _launch_matrix_nms_decay(unpacked, labels, order, mask_area, kernel, sigma)
+
+
+def matrix_nms_packed_decay(masks: Tensor, labels: Tensor, order: Tensor, mask_area: Tensor, kernel: str,
+                            sigma: float) -> Tensor:
+    """:func:`matrix_nms_decay` of bit-packed masks int64 [n0, words] (bit b of word w is pixel 64 w + b) with
+    their areas [n0] (required): the backend of ``fastseg.ops.matrix_nms_packed`` on Triton.
+
+    Example::
+
+        >>> decay = matrix_nms_packed_decay(out.masks, labels, order, out.areas, "gaussian", 2.0)
+    """
+    if mask_area is None:
+        raise ValueError("mask_area is required for packed masks")
+    return torch.ops.fastseg.matrix_nms_packed_decay_triton(masks, labels, order, mask_area, str(kernel),
+                                                            float(sigma))

@@ -1,7 +1,8 @@
-// Schemas of fastseg::matrix_nms_decay and fastseg::matrix_nms_boxes_decay (the O(n^2) core of
+// Schemas of fastseg::matrix_nms_decay, fastseg::matrix_nms_packed_decay (masks given bit-packed,
+// 64 pixels a word, with their areas) and fastseg::matrix_nms_boxes_decay (the O(n^2) core of
 // Matrix NMS) and their device-independent argument checks (declared in ops/matrix_nms.h).
 //
-// Both return, for the masks (boxes) order[0..n) taken in that order (score-descending within
+// All return, for the masks (boxes) order[0..n) taken in that order (score-descending within
 // each label), the float64 decay factor of each (ops/common/matrix_nms.h). Labels group the
 // pairs: a batch of images runs as one call with labels made unique per image.
 #include <ATen/ATen.h>
@@ -33,6 +34,17 @@ void check_common(const at::Tensor& x, const char* x_name, const at::Tensor& lab
   }
 }
 
+void check_area(const at::Tensor& masks, const std::optional<at::Tensor>& mask_area) {
+  if (mask_area.has_value()) {
+    TORCH_CHECK(mask_area->dim() == 1 && mask_area->size(0) == masks.size(0),
+                "mask_area must be [", masks.size(0), "], got shape ", mask_area->sizes());
+    TORCH_CHECK(at::isFloatingType(mask_area->scalar_type()),
+                "mask_area must be floating point, got ", mask_area->scalar_type());
+    TORCH_CHECK(mask_area->device() == masks.device(), "mask_area is on ", mask_area->device(),
+                " but masks are on ", masks.device());
+  }
+}
+
 }  // namespace
 
 void matrix_nms_decay_check(const at::Tensor& masks, const at::Tensor& labels,
@@ -43,14 +55,17 @@ void matrix_nms_decay_check(const at::Tensor& masks, const at::Tensor& labels,
               "masks must be bool or uint8 (threshold float masks first), got ",
               masks.scalar_type());
   check_common(masks, "mask", labels, order, sigma);
-  if (mask_area.has_value()) {
-    TORCH_CHECK(mask_area->dim() == 1 && mask_area->size(0) == masks.size(0),
-                "mask_area must be [", masks.size(0), "], got shape ", mask_area->sizes());
-    TORCH_CHECK(at::isFloatingType(mask_area->scalar_type()),
-                "mask_area must be floating point, got ", mask_area->scalar_type());
-    TORCH_CHECK(mask_area->device() == masks.device(), "mask_area is on ", mask_area->device(),
-                " but masks are on ", masks.device());
-  }
+  check_area(masks, mask_area);
+}
+
+void matrix_nms_packed_decay_check(const at::Tensor& bits, const at::Tensor& labels,
+                                   const at::Tensor& order, const at::Tensor& mask_area,
+                                   double sigma) {
+  TORCH_CHECK(bits.dim() == 2 && bits.scalar_type() == at::kLong,
+              "masks must be int64 [n, words] (bit-packed), got ", bits.scalar_type(), " of shape ",
+              bits.sizes());
+  check_common(bits, "mask", labels, order, sigma);
+  check_area(bits, mask_area);
 }
 
 void matrix_nms_boxes_decay_check(const at::Tensor& boxes, const at::Tensor& labels,
@@ -72,6 +87,9 @@ common::DecayKernel decay_kernel(c10::string_view kernel) {
 TORCH_LIBRARY_FRAGMENT(fastseg, m) {
   m.def(
       "matrix_nms_decay(Tensor masks, Tensor labels, Tensor order, Tensor? mask_area, "
+      "str kernel, float sigma) -> Tensor");
+  m.def(
+      "matrix_nms_packed_decay(Tensor masks, Tensor labels, Tensor order, Tensor mask_area, "
       "str kernel, float sigma) -> Tensor");
   m.def(
       "matrix_nms_boxes_decay(Tensor boxes, Tensor labels, Tensor order, str kernel, "

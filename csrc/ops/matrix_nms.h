@@ -15,6 +15,11 @@ namespace fastseg::ops {
 void matrix_nms_decay_check(const at::Tensor& masks, const at::Tensor& labels,
                             const at::Tensor& order, const std::optional<at::Tensor>& mask_area,
                             double sigma);
+// bits [n0, words] int64 (bit-packed masks, 64 pixels a word), labels [n0] integer, order [n] int64,
+// mask_area [n0] floating (required: the packed entry does not count pixels).
+void matrix_nms_packed_decay_check(const at::Tensor& bits, const at::Tensor& labels,
+                                   const at::Tensor& order, const at::Tensor& mask_area,
+                                   double sigma);
 // boxes [n0, 4] floating, labels [n0] integer, order [n] int64.
 void matrix_nms_boxes_decay_check(const at::Tensor& boxes, const at::Tensor& labels,
                                   const at::Tensor& order, double sigma);

@@ -32,7 +32,7 @@ Exit status: 0 all good, 1 a correctness check failed or a backend raised, 2 bad
 
 Layout: the harness in ``cases`` (:class:`Case`, the registry), ``timing``, ``memory``, ``correctness``,
 ``report`` (table, JSON, CSV, PNG) and ``machine`` (versions, hardware, GPU ceilings); the cases in one
-module per op family (``ops_conv``, ``ops_attention``, ``ops_roi``, ``ops_nms``, ``ops_crf``) and
+module per op family (``ops_conv``, ``ops_attention``, ``ops_roi``, ``ops_nms``, ``ops_crf``, ``ops_solo``) and
 ``models`` (end-to-end rows, op ``models``: see :mod:`fastseg.bench.models`); the command line in
 ``__main__``.
 
@@ -48,7 +48,7 @@ Example::
 """
 
 # The modules of cases register their ops on import, in this order (the default order of --ops).
-from fastseg.bench import ops_conv, ops_attention, ops_roi, ops_nms, ops_crf, models  # noqa: F401
+from fastseg.bench import ops_conv, ops_attention, ops_roi, ops_nms, ops_crf, ops_solo, models  # noqa: F401
 from fastseg.bench.cases import DEFAULT_DTYPES, DTYPES, OPS, Case, SkipCase, get_cases, register_op
 from fastseg.bench.correctness import ATOL, CheckResult, check_backend, check_case
 from fastseg.bench.machine import machine_info

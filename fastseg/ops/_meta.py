@@ -93,3 +93,15 @@ def _dense_crf_fake(unary, image, iterations, pos_sxy, pos_compat, bi_sxy, bi_sr
 @torch.library.register_fake("fastseg::_dense_crf_backward")
 def _dense_crf_backward_fake(grad, unary, image, iterations, pos_sxy, pos_compat, bi_sxy, bi_srgb, bi_compat):
     return torch.empty_like(unary)
+
+
+@torch.library.register_fake("fastseg::dynamic_mask_head")
+def _dynamic_mask_head_fake(kernels, features, mask_thr):
+    n, words = kernels.shape[0], (features.shape[1] * features.shape[2] + 63) // 64
+    return (kernels.new_empty((n, words), dtype=torch.int64), kernels.new_empty((n,), dtype=torch.float32),
+            kernels.new_empty((n,)))
+
+
+@torch.library.register_fake("fastseg::matrix_nms_packed_decay")
+def _matrix_nms_packed_decay_fake(masks, labels, order, mask_area, kernel, sigma):
+    return order.new_empty(order.shape, dtype=torch.float64)

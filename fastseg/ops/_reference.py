@@ -35,6 +35,7 @@ __all__ = [
     "rois_to_tensor",
     "score_order",
     "separable_conv2d",
+    "solov2_postprocess",
     "unpack_bits",
 ]
 
@@ -405,6 +406,24 @@ def matrix_nms_packed_decay(bits: Tensor, labels: Tensor, order: Tensor, mask_ar
     float copy, mmdet's way)."""
     masks = unpack_bits(bits, bits.shape[1] * 64).unsqueeze(1)  # [n0, 1, words·64]
     return matrix_nms_decay(masks, labels, order, mask_area, kernel, sigma)
+
+
+def solov2_postprocess(kernels: Tensor, features: Tensor, labels: Tensor, scores: Tensor, strides: Tensor, *,
+                       mask_thr: float = 0.5, **nms_kw) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """SOLOv2's test-time mask post-processing of one image as mmdet writes it (``_get_results_single``):
+    the n soft masks sigmoid(kernels [n, E] · features [E, H, W]), threshold, areas, the area > stride
+    filter, maskness rescoring, Matrix NMS of the float masks (``nms_kw``: matrix_nms's keywords), the
+    kept soft masks. Returns (scores, labels, keep_inds into the n candidates, soft masks [k, H, W])."""
+    e, h, w = features.shape
+    soft = torch.sigmoid(kernels @ features.reshape(e, h * w)).view(-1, h, w)
+    binary = soft > mask_thr
+    area = binary.sum((1, 2)).float()
+    keep = (area > strides).nonzero().squeeze(1)
+    soft, binary, area = soft[keep], binary[keep], area[keep]
+    maskness = (soft * binary).sum((1, 2)) / area
+    out_scores, out_labels, _, keep_inds = matrix_nms(binary, labels[keep], scores[keep] * maskness,
+                                                      mask_area=area, **nms_kw)
+    return out_scores, out_labels, keep[keep_inds], soft[keep_inds]
 
 
 # ---- Dense CRF (Krähenbühl & Koltun; pydensecrf semantics) ----------------------------------------

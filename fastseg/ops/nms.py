@@ -224,6 +224,16 @@ def _compiled_boxes(*args):
     return torch.ops.fastseg.matrix_nms_boxes_decay(*args)
 
 
+def _compiled_packed(*args):
+    return torch.ops.fastseg.matrix_nms_packed_decay(*args)
+
+
+def _triton_packed(*args):
+    from fastseg.triton_kernels import matrix_nms as tk
+
+    return tk.matrix_nms_packed_decay(*args)
+
+
 def _triton_masks(*args):
     from fastseg.triton_kernels import matrix_nms as tk
 
@@ -235,10 +245,14 @@ _backend.register("matrix_nms", "cpu", _compiled_masks, kernel="fastseg::matrix_
 _backend.register("matrix_nms", "cuda", _compiled_masks, kernel="fastseg::matrix_nms_decay")
 _backend.register("matrix_nms", "triton", _triton_masks)
 _backend.register("matrix_nms_packed", "reference", _reference.matrix_nms_packed_decay)
+_backend.register("matrix_nms_packed", "cpu", _compiled_packed, kernel="fastseg::matrix_nms_packed_decay")
+_backend.register("matrix_nms_packed", "cuda", _compiled_packed, kernel="fastseg::matrix_nms_packed_decay")
+_backend.register("matrix_nms_packed", "triton", _triton_packed)
 _backend.register("matrix_nms_boxes", "reference", _reference.matrix_nms_boxes_decay)
 _backend.register("matrix_nms_boxes", "cpu", _compiled_boxes, kernel="fastseg::matrix_nms_boxes_decay")
 _backend.register("matrix_nms_boxes", "cuda", _compiled_boxes, kernel="fastseg::matrix_nms_boxes_decay")
 # Measured on CPU (bench/results/): the bit-packed kernel beats the float formulation. The CUDA order is
 # provisional until a GPU run of bench/gpu_check.sh is recorded.
 _backend.set_preference("matrix_nms", {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")})
+_backend.set_preference("matrix_nms_packed", {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")})
 _backend.set_preference("matrix_nms_boxes", {"cpu": ("cpu", "reference"), "cuda": ("cuda", "reference")})

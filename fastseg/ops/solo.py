@@ -128,4 +128,15 @@ def _compiled(kernels: Tensor, features: Tensor, mask_thr: float):
     return torch.ops.fastseg.dynamic_mask_head(kernels, features, mask_thr)
 
 
+def _triton(kernels: Tensor, features: Tensor, mask_thr: float):
+    from fastseg.triton_kernels import dynamic_mask_head as tk
+
+    return tk.dynamic_mask_head(kernels, features, mask_thr)
+
+
 _backend.register("dynamic_mask_head", "reference", _reference.dynamic_mask_head)
+_backend.register("dynamic_mask_head", "cpu", _compiled, kernel="fastseg::dynamic_mask_head")
+_backend.register("dynamic_mask_head", "cuda", _compiled, kernel="fastseg::dynamic_mask_head")
+_backend.register("dynamic_mask_head", "triton", _triton)
+# Provisional orders (the CPU one measured by fastseg/bench/ops_solo.py; no GPU run recorded yet).
+_backend.set_preference("dynamic_mask_head", {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")})

@@ -1,4 +1,5 @@
-// CPU kernels of fastseg::matrix_nms_decay (masks) and fastseg::matrix_nms_boxes_decay.
+// CPU kernels of fastseg::matrix_nms_decay (masks), fastseg::matrix_nms_packed_decay (masks given
+// bit-packed) and fastseg::matrix_nms_boxes_decay.
 //
 // Only same-label pairs decay each other, so the positions of order are grouped by label (a
 // stable sort keeps score order inside a group) and each group's lower triangle of IoUs is
@@ -140,6 +141,27 @@ at::Tensor matrix_nms_decay_cpu(const at::Tensor& masks, const at::Tensor& label
   return grouped_decay(labels_in_order(labels, order), iou, k, sigma, masks.options());
 }
 
+// Masks already packed (as fastseg::dynamic_mask_head returns them), with their areas: the rows
+// are read in place through order, no copy.
+at::Tensor matrix_nms_packed_decay_cpu(const at::Tensor& bits, const at::Tensor& labels,
+                                       const at::Tensor& order, const at::Tensor& mask_area,
+                                       c10::string_view kernel, double sigma) {
+  const DecayKernel k = decay_kernel(kernel);
+  matrix_nms_packed_decay_check(bits, labels, order, mask_area, sigma);
+  TORCH_CHECK(bits.device().is_cpu(), "masks must be a CPU tensor for the cpu kernel");
+  const int64_t words = bits.size(1);
+  const auto b = bits.contiguous();
+  const auto* bp = reinterpret_cast<const uint64_t*>(b.const_data_ptr<int64_t>());
+  const int64_t* op = order.const_data_ptr<int64_t>();
+  const auto a = mask_area.index_select(0, order).to(at::kDouble).contiguous();
+  const double* area = a.const_data_ptr<double>();
+  auto iou = [&](int64_t i, int64_t j) {
+    const auto inter = and_popcount(bp + op[i] * words, bp + op[j] * words, words);
+    return common::iou_of(static_cast<double>(inter), area[i], area[j]);
+  };
+  return grouped_decay(labels_in_order(labels, order), iou, k, sigma, bits.options());
+}
+
 at::Tensor matrix_nms_boxes_decay_cpu(const at::Tensor& boxes, const at::Tensor& labels,
                                       const at::Tensor& order, c10::string_view kernel,
                                       double sigma) {
@@ -156,6 +178,7 @@ at::Tensor matrix_nms_boxes_decay_cpu(const at::Tensor& boxes, const at::Tensor&
 
 TORCH_LIBRARY_IMPL(fastseg, CPU, m) {
   m.impl("matrix_nms_decay", &matrix_nms_decay_cpu);
+  m.impl("matrix_nms_packed_decay", &matrix_nms_packed_decay_cpu);
   m.impl("matrix_nms_boxes_decay", &matrix_nms_boxes_decay_cpu);
 }
 

@@ -1,4 +1,5 @@
-// CUDA kernels of fastseg::matrix_nms_decay (masks) and fastseg::matrix_nms_boxes_decay.
+// CUDA kernels of fastseg::matrix_nms_decay (masks), fastseg::matrix_nms_packed_decay (masks given
+// bit-packed: step 1 becomes a gather of the rows) and fastseg::matrix_nms_boxes_decay.
 //
 // The positions of order are first sorted by label (stable, on the device: score order is kept
 // inside a label), so every label is a contiguous run of "rows" and only the run's upper triangle
@@ -375,6 +376,67 @@ uint64_t order_key_of(double x) {
   return (b >> 63) ? ~b : (b | (uint64_t{1} << 63));
 }
 
+// The decay of packed rows: bits [n_pad, words] (row r = the r-th position in sorted-label order,
+// zero rows past n, words a multiple of kChunk), area [n] of the rows. Steps 2a / 2b above.
+at::Tensor decay_of_packed(const at::Tensor& bits, const at::Tensor& area, const at::Tensor& lab,
+                           const at::Tensor& perm, DecayKernel k, double sigma) {
+  const int64_t n = lab.size(0), n_pad = bits.size(0), words = bits.size(1);
+  const int64_t chunks = words / kChunk;
+  const int64_t tiles_side = n_pad / kTile, tiles = tiles_side * (tiles_side + 1) / 2;
+  const int sms = sm_count();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto dopts = area.options().dtype(at::kDouble);
+  TileArgs args{};
+  args.bits = reinterpret_cast<const uint64_t*>(bits.const_data_ptr<int64_t>());
+  args.lab = lab.const_data_ptr<int64_t>();
+  args.area = area.const_data_ptr<double>();
+  args.n = n;
+  args.words = words;
+  args.chunks = chunks;
+  args.kernel = k;
+  args.sigma = sigma;
+
+  if (n_pad <= kStoreMaxN) {
+    // 2a. Few tiles: split K so that the GPU fills (the worst case, one label, has all `tiles`
+    // busy), but keep >= kMinChunksPerSplit chunks per block.
+    int64_t splits = std::max<int64_t>(1, ceil_div(4 * int64_t{sms}, tiles));
+    splits = std::min(splits, std::max<int64_t>(1, chunks / kMinChunksPerSplit));
+    args.chunks_per_split = chunks > 0 ? ceil_div(chunks, splits) : 0;
+    splits = chunks > 0 ? ceil_div(chunks, args.chunks_per_split) : 1;
+    auto inter = at::zeros({n_pad * n_pad}, bits.options().dtype(at::kInt));
+    args.inter = inter.mutable_data_ptr<int32_t>();
+    args.ld = n_pad;
+    matrix_nms_tile_kernel<TileMode::kStore>
+        <<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(splits)), kThreads, 0,
+           stream>>>(args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return decay_from_rows(StoredMaskIou{inter.const_data_ptr<int32_t>(), n_pad,
+                                         area.const_data_ptr<double>()},
+                           lab, perm, k, sigma);
+  }
+
+  // 2b. Many tiles: two full-K passes, atomics into comp and the decay keys.
+  auto comp = at::zeros({n}, dopts);
+  auto keys = at::full({n}, static_cast<int64_t>(order_key_of(1.0)),
+                       bits.options().dtype(at::kLong));
+  args.chunks_per_split = chunks;
+  args.comp = comp.mutable_data_ptr<double>();
+  args.decay = reinterpret_cast<unsigned long long*>(keys.mutable_data_ptr<int64_t>());
+  matrix_nms_tile_kernel<TileMode::kComp>
+      <<<dim3(static_cast<unsigned>(tiles), 1), kThreads, 0, stream>>>(args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  matrix_nms_tile_kernel<TileMode::kDecay>
+      <<<dim3(static_cast<unsigned>(tiles), 1), kThreads, 0, stream>>>(args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto out = at::empty({n}, dopts);
+  matrix_nms_unkey_kernel<<<static_cast<unsigned>(ceil_div(n, kThreads)), kThreads, 0,
+                            stream>>>(
+      reinterpret_cast<const unsigned long long*>(keys.const_data_ptr<int64_t>()),
+      perm.const_data_ptr<int64_t>(), n, out.mutable_data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 at::Tensor matrix_nms_decay_cuda(const at::Tensor& masks, const at::Tensor& labels,
                                  const at::Tensor& order,
                                  const std::optional<at::Tensor>& mask_area,
@@ -393,14 +455,12 @@ at::Tensor matrix_nms_decay_cuda(const at::Tensor& masks, const at::Tensor& labe
               "masks must have fewer than 2^31 pixels (H*W) for the cuda kernel, got ", hw);
   const int64_t tiles_side = ceil_div(n, kTile);
   TORCH_CHECK(tiles_side <= 65535, "too many masks for the cuda kernel: ", n);
-  const int64_t tiles = tiles_side * (tiles_side + 1) / 2;
   const auto stream = c10::cuda::getCurrentCUDAStream();
 
   const auto [lab, perm] = sorted_labels(labels, order);
   const auto src = order.index_select(0, perm);  // mask index of each sorted row
   const int64_t n_pad = tiles_side * kTile;
   const int64_t words = ceil_div(ceil_div(hw, 64), kChunk) * kChunk;
-  const int64_t chunks = words / kChunk;
 
   // 1. Pack (and count the areas unless given).
   const auto m = masks.contiguous();
@@ -422,55 +482,33 @@ at::Tensor matrix_nms_decay_cuda(const at::Tensor& masks, const at::Tensor& labe
                         ? mask_area->index_select(0, src).to(at::kDouble).contiguous()
                         : counts.to(at::kDouble);
 
-  TileArgs args{};
-  args.bits = reinterpret_cast<const uint64_t*>(bits.const_data_ptr<int64_t>());
-  args.lab = lab.const_data_ptr<int64_t>();
-  args.area = area.const_data_ptr<double>();
-  args.n = n;
-  args.words = words;
-  args.chunks = chunks;
-  args.kernel = k;
-  args.sigma = sigma;
+  return decay_of_packed(bits.view({n_pad, words}), area, lab, perm, k, sigma);
+}
 
-  if (n_pad <= kStoreMaxN) {
-    // 2a. Few tiles: split K so that the GPU fills (the worst case, one label, has all `tiles`
-    // busy), but keep >= kMinChunksPerSplit chunks per block.
-    int64_t splits = std::max<int64_t>(1, ceil_div(4 * int64_t{sms}, tiles));
-    splits = std::min(splits, std::max<int64_t>(1, chunks / kMinChunksPerSplit));
-    args.chunks_per_split = chunks > 0 ? ceil_div(chunks, splits) : 0;
-    splits = chunks > 0 ? ceil_div(chunks, args.chunks_per_split) : 1;
-    auto inter = at::zeros({n_pad * n_pad}, masks.options().dtype(at::kInt));
-    args.inter = inter.mutable_data_ptr<int32_t>();
-    args.ld = n_pad;
-    matrix_nms_tile_kernel<TileMode::kStore>
-        <<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(splits)), kThreads, 0,
-           stream>>>(args);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return decay_from_rows(StoredMaskIou{inter.const_data_ptr<int32_t>(), n_pad,
-                                         area.const_data_ptr<double>()},
-                           lab, perm, k, sigma);
-  }
-
-  // 2b. Many tiles: two full-K passes, atomics into comp and the decay keys.
-  auto comp = at::zeros({n}, dopts);
-  auto keys = at::full({n}, static_cast<int64_t>(order_key_of(1.0)),
-                       masks.options().dtype(at::kLong));
-  args.chunks_per_split = chunks;
-  args.comp = comp.mutable_data_ptr<double>();
-  args.decay = reinterpret_cast<unsigned long long*>(keys.mutable_data_ptr<int64_t>());
-  matrix_nms_tile_kernel<TileMode::kComp>
-      <<<dim3(static_cast<unsigned>(tiles), 1), kThreads, 0, stream>>>(args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  matrix_nms_tile_kernel<TileMode::kDecay>
-      <<<dim3(static_cast<unsigned>(tiles), 1), kThreads, 0, stream>>>(args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  auto out = at::empty({n}, dopts);
-  matrix_nms_unkey_kernel<<<static_cast<unsigned>(ceil_div(n, kThreads)), kThreads, 0,
-                            stream>>>(
-      reinterpret_cast<const unsigned long long*>(keys.const_data_ptr<int64_t>()),
-      perm.const_data_ptr<int64_t>(), n, out.mutable_data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+// Masks given packed, with their areas: the rows are gathered in sorted-label order and padded to
+// the tile sizes; the rest is the same path.
+at::Tensor matrix_nms_packed_decay_cuda(const at::Tensor& masks, const at::Tensor& labels,
+                                        const at::Tensor& order, const at::Tensor& mask_area,
+                                        c10::string_view kernel, double sigma) {
+  const DecayKernel k = decay_kernel(kernel);
+  matrix_nms_packed_decay_check(masks, labels, order, mask_area, sigma);
+  TORCH_CHECK(masks.is_cuda(), "masks must be a CUDA tensor for the cuda kernel, got ",
+              masks.device());
+  c10::cuda::CUDAGuard device_guard(masks.device());
+  const int64_t n = order.size(0), words_in = masks.size(1);
+  if (n == 0) return at::empty({0}, masks.options().dtype(at::kDouble));
+  TORCH_CHECK(words_in * 64 <= std::numeric_limits<int32_t>::max(),
+              "masks must have fewer than 2^31 pixels for the cuda kernel, got ", words_in * 64);
+  const int64_t tiles_side = ceil_div(n, kTile);
+  TORCH_CHECK(tiles_side <= 65535, "too many masks for the cuda kernel: ", n);
+  const auto [lab, perm] = sorted_labels(labels, order);
+  const auto src = order.index_select(0, perm);
+  const int64_t n_pad = tiles_side * kTile;
+  const int64_t words = ceil_div(std::max<int64_t>(words_in, 1), kChunk) * kChunk;
+  auto bits = at::zeros({n_pad, words}, masks.options());
+  bits.narrow(0, 0, n).narrow(1, 0, words_in).copy_(masks.index_select(0, src));
+  const auto area = mask_area.index_select(0, src).to(at::kDouble).contiguous();
+  return decay_of_packed(bits, area, lab, perm, k, sigma);
 }
 
 at::Tensor matrix_nms_boxes_decay_cuda(const at::Tensor& boxes, const at::Tensor& labels,
@@ -492,6 +530,7 @@ at::Tensor matrix_nms_boxes_decay_cuda(const at::Tensor& boxes, const at::Tensor
 
 TORCH_LIBRARY_IMPL(fastseg, CUDA, m) {
   m.impl("matrix_nms_decay", &matrix_nms_decay_cuda);
+  m.impl("matrix_nms_packed_decay", &matrix_nms_packed_decay_cuda);
   m.impl("matrix_nms_boxes_decay", &matrix_nms_boxes_decay_cuda);
 }
 
