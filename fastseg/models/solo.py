@@ -241,7 +241,7 @@ class _SOLOBase(nn.Module):
     def _empty(self, size: Sequence[int], device: torch.device) -> dict[str, Tensor]:
         return {"masks": torch.zeros((0, *size), dtype=torch.bool, device=device),
                 "labels": torch.zeros(0, dtype=torch.long, device=device),
-                "scores": torch.zeros(0, device=device)}
+                "scores": torch.zeros(0, dtype=self.conv_cls.weight.dtype, device=device)}
 
     def _finish_soft(self, soft: Tensor, classes: Tensor, scores: Tensor, strides: Tensor,
                      padded: tuple[int, int], size: Sequence[int]) -> dict[str, Tensor]:
