@@ -72,10 +72,16 @@ def dynamic_mask_head(kernels: Tensor, features: Tensor, *, mask_thr: float = 0.
                       score: Tensor | None = None, backend: str | None = None) -> DynamicMasks:
     """SOLOv2's dynamic mask prediction and mask rescoring, without writing the n float masks.
 
-    prob = sigmoid(kernels @ features) per pixel; a pixel is in the mask when prob > mask_thr (strictly:
-    a pixel exactly at the threshold is out, as in mmdet's ``mask_preds > mask_thr``). The product is
-    accumulated in float32 (float64 for float64 inputs) by every backend; near the threshold a
-    low-precision input decides like the same-dtype PyTorch formulation would, up to rounding.
+    prob = sigmoid(kernels @ features) per pixel; a pixel is in the mask when prob > mask_thr, strictly (a
+    pixel exactly at the threshold is out, as in mmdet's ``mask_preds > mask_thr``; a zero logit at 0.5
+    is out). The fused backends (cpu, cuda, triton) accumulate the logits in float32 (float64 for float64
+    inputs; float16/bfloat16 operands are exact in float32) and decide on the logit: logit >
+    logit(mask_thr), the threshold rounded toward -inf to the accumulation type, which is the exact
+    comparison — the same decision on every fused backend for the same logit. The ``reference`` backend
+    is mmdet's formulation in the inputs' dtype. Near the threshold the backends may therefore differ in
+    pixels whose probability is within rounding of mask_thr (what the tests allow, no more). The maskness
+    is the mean of sigmoid over the mask's pixels, summed in float32 (float64) per tile and then over
+    the tiles in a fixed order (deterministic, independent of the thread count).
     Inference only: not differentiable (the outputs never require grad).
 
     Args:

@@ -13,7 +13,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -182,8 +181,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_mask_head_cuda(const at::
   const auto count = counts.sum(1);
   const auto areas = count.to(at::kFloat);
   const auto total = sums.sum(1);
-  const auto maskness = at::where(count > 0, total / count.clamp_min(1).to(total.scalar_type()),
-                                  at::zeros_like(total));
+  auto maskness = total.div(count.clamp_min(1).to(total.scalar_type()));
+  maskness.masked_fill_(count.eq(0), 0);  // empty masks: 0 (their sum is 0 already)
   return {masks, areas, maskness.to(kernels.scalar_type())};
 }
 
