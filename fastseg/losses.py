@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import Tensor
 
-__all__ = ["aux_loss", "unet_weight_map", "weighted_cross_entropy", "danet_loss"]
+__all__ = ["aux_loss", "danet_loss", "dice_loss", "focal_loss", "unet_weight_map", "weighted_cross_entropy"]
 
 
 def unet_weight_map(instance_masks: Tensor | np.ndarray, w0: float = 10.0, sigma: float = 5.0, *,
@@ -239,3 +239,54 @@ def danet_loss(outputs: Mapping[str, Tensor], target: Tensor, weights: Sequence[
         term = w * _ce_mean(logits, target, ignore_index)
         loss = term if loss is None else loss + term
     return loss
+def dice_loss(probs: Tensor, target: Tensor, *, eps: float = 1e-3) -> Tensor:
+    """Per-mask Dice loss (SOLO, V-Net form): 1 - 2·Σpq / (Σp² + Σq² + 2·eps), summed over every dim but the
+    first.
+
+    Args:
+        probs: [n, ...] soft masks in [0, 1] (sigmoids of mask logits).
+        target: [n, ...] binary (bool or 0/1) masks of the same shape.
+        eps: smoothing added to each squared sum (mmdet's 1e-3), so that two empty masks give loss 0.
+
+    Returns:
+        [n] losses, one per mask (reduce them as the model does: SOLO sums and divides by the positives).
+
+    Example::
+
+        >>> dice_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([[1, 1]]))   # 1 - 2/(1 + 2 + 0.002)
+        tensor([0.3338])
+    """
+    if not isinstance(probs, Tensor) or not probs.is_floating_point() or probs.dim() < 1:
+        raise ValueError(f"probs must be a floating [n, ...] tensor, got {getattr(probs, 'dtype', type(probs))}")
+    if not isinstance(target, Tensor) or target.shape != probs.shape:
+        raise ValueError(f"target must have probs' shape {tuple(probs.shape)}, got {getattr(target, 'shape', target)}")
+    p = probs.flatten(1)
+    q = target.flatten(1).to(p.dtype)
+    return 1 - 2 * (p * q).sum(1) / ((p * p).sum(1) + (q * q).sum(1) + 2 * eps)
+
+
+def focal_loss(logits: Tensor, labels: Tensor, *, alpha: float = 0.25, gamma: float = 2.0,
+               avg_factor: float | Tensor | None = None) -> Tensor:
+    """Sigmoid focal loss (Lin et al. 2017; ``torchvision.ops.sigmoid_focal_loss``) of class scores against
+    integer labels, 0 = background (every class's target 0), c in 1..C = class c; summed and divided by
+    ``avg_factor`` (None: the number of rows). SOLO's category loss with ``avg_factor = positives + 1``.
+
+    Args:
+        logits: [m, C] scores of C foreground classes.
+        labels: [m] int64 in 0..C.
+
+    Example::
+
+        >>> focal_loss(torch.zeros(1, 2), torch.tensor([1]))   # 0.25·0.5²·log 2 + 0.75·0.5²·log 2
+        tensor(0.1733)
+    """
+    from torchvision.ops import sigmoid_focal_loss
+
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+        raise ValueError(f"logits must be a floating [m, C] tensor, got {getattr(logits, 'shape', logits)}")
+    if not isinstance(labels, Tensor) or labels.shape != logits.shape[:1] or labels.is_floating_point():
+        raise ValueError(f"labels must be an integer [{logits.shape[0]}] tensor, "
+                         f"got {getattr(labels, 'shape', labels)}")
+    target = F.one_hot(labels.long(), logits.shape[1] + 1)[:, 1:].to(logits.dtype)
+    loss = sigmoid_focal_loss(logits, target, alpha=alpha, gamma=gamma, reduction="sum")
+    return loss / (logits.shape[0] if avg_factor is None else avg_factor)

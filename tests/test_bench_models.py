@@ -99,3 +99,21 @@ def test_espnet_rows_run_at_their_own_size(monkeypatch, tmp_path):
     assert rc == 0
     (row,) = rows
     assert row["status"] == "ok" and row["check"]["ok"] and (row["params"]["H"], row["params"]["W"]) == (16, 24)
+def test_instance_model_rows_run_on_calibrated_candidates(tiny, monkeypatch, tmp_path, one_thread):
+    """SOLO / SOLOv2 rows (images in a list, per-image dicts out) on narrow ResNet-18 models at 64x96: the
+    calibration gives candidates, so the whole inference path runs and the kept scores are checked."""
+    narrow = {"backbone": "resnet18", "fpn_channels": 32, "head_channels": 32, "stacked_convs": 1}
+    monkeypatch.setattr(models, "INSTANCE_SIZE", (64, 96))
+    monkeypatch.setattr(models, "INSTANCE_CANDIDATES", 30)
+    monkeypatch.setattr(models, "create_model", lambda name, num_classes, **kw: fastseg.models.create_model(
+        name, num_classes=num_classes, **{**kw, **narrow, **({"mask_feat_channels": 32, "mask_channels": 32}
+                                                            if name == "solov2" else {})}))
+    rc, rows = _run(tmp_path, "--cases", "solo,solov2")
+    assert rc == 0
+    for r in rows:
+        assert (r["status"], r["params"]["H"], r["params"]["W"], r["params"]["classes"]) == ("ok", 64, 96, 80), r
+        assert r["check"]["ok"], r
+    # the calibrated model keeps instances (the check compares their scores, not an empty tensor)
+    model = models._model_inputs(models._ModelRow("solov2", "solov2", {}, 64, width=96, instance=True), 1)(
+        torch.device("cpu"), torch.float32)
+    assert model["model"](model["x"]).numel() > 0

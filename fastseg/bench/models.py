@@ -13,6 +13,13 @@ DeepLabV3Plus / PSPNet / Unet (``encoder_weights=None``) as peer baselines in ro
   that activations have a trained network's scale (raw init overflows fp16 in a ResNet-101).
 - Correctness: the fused output against the reference backend's, and the oracle is the reference backend
   on the model in float64 (``model.double()``), with the harness's ratio rule; the peer rows check the same.
+- Instance models (SOLO, decoupled SOLO, SOLOv2; ResNet-50-FPN, 80 COCO classes): RGB images in 0..1 at
+  ``INSTANCE_SIZE`` (800x1216, SOLO's test scale with sides divisible by 32), the model's whole inference
+  (network, candidates, masks, Matrix NMS, upsampling). A randomly initialised head predicts every class at its
+  0.01 prior, so no cell would pass the 0.1 score threshold: the class biases are shifted so that about
+  ``INSTANCE_CANDIDATES`` cells pass it (the cut placed in the widest score gap near that rank, so rounding does
+  not change the set), the mask biases set so that random masks cover about half the image. The check compares
+  the kept instances' scores.
 - Models are built when a case runs, not when the cases are listed: a model whose module does not exist yet
   (or a peer whose library is not installed) is reported as skipped, with the reason.
 """
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,13 +36,15 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from fastseg import ops
 from fastseg.bench.cases import Case, Inputs, SkipCase, register_op
 from fastseg.models import create_model, list_models
 
-__all__ = ["AUNET_SIZE", "CUDA_BATCH", "DANET_SIZES", "ESPNET_CLASSES", "ESPNET_SIZE", "PEER_SIZE", "QUICK_SIZE",
-           "SIZE", "UNET_VALID_SIZE", "aunet_time_shares", "model_cases"]
+__all__ = ["AUNET_SIZE", "CUDA_BATCH", "DANET_SIZES", "ESPNET_CLASSES", "ESPNET_SIZE", "INSTANCE_CANDIDATES",
+           "INSTANCE_MODELS", "INSTANCE_SIZE", "PEER_SIZE", "QUICK_SIZE", "SIZE", "UNET_VALID_SIZE",
+           "aunet_time_shares", "model_cases"]
 
 NUM_CLASSES = 21  # PASCAL VOC
 SIZE = 513  # DeepLab's evaluation crop
@@ -46,6 +56,10 @@ ESPNET_SIZE = (512, 1024)  # (H, W): ESPNet's Cityscapes resolution
 ESPNET_CLASSES = 20  # ESPNet's Cityscapes classes (19 + background)
 UNET_VALID_SIZE = 508  # the valid U-Net input (16k + 124) nearest 513; its output is 184 px smaller
 DANET_SIZES = (512, 768)  # DANet rows: fused attention vs the eager N×N one, where memory matters
+INSTANCE_MODELS = ("solo", "decoupled_solo", "solov2")
+INSTANCE_SIZE = (800, 1216)
+INSTANCE_CLASSES = 80  # COCO
+INSTANCE_CANDIDATES = 500  # cells above the score threshold: SOLOv2's nms_pre
 _REFERENCE = "_reference backend (same model and weights)"
 _WEIGHTS = "seeded random init; BatchNorm statistics from one train-mode pass over 2 random images"
 _OWN_ROWS = {"aunet"}  # detectors: not semantic logits of a tensor; rows of their own below
@@ -69,6 +83,7 @@ class _ModelRow:
     peer: _Peer | None = None
     quick: bool = False
     width: int | None = None  # input width when not square (size is then the height)
+    instance: bool = False  # a list-of-images model returning per-image dicts
 
 
 def _rows() -> list[_ModelRow]:
@@ -79,7 +94,12 @@ def _rows() -> list[_ModelRow]:
     for name in sorted(list_models(), key=lambda n: n != "deeplabv3plus"):
         if name in _OWN_ROWS:
             continue
-        if name.startswith("espnet"):
+        if name in INSTANCE_MODELS:
+            h, w = INSTANCE_SIZE
+            rows.append(_ModelRow(name, name, {"backbone": "resnet50"}, h,
+                                  f"{h}x{w} RGB in 0..1, ResNet-50-FPN, {INSTANCE_CLASSES} classes, about "
+                                  f"{INSTANCE_CANDIDATES} candidates", width=w, instance=True))
+        elif name.startswith("espnet"):
             rows.append(_ModelRow(name, name, {"num_classes": ESPNET_CLASSES}, ESPNET_SIZE[0],
                                   f"{ESPNET_SIZE[1]}x{ESPNET_SIZE[0]} (Cityscapes; the published 112 FPS is on a "
                                   f"TitanX at this size), {ESPNET_CLASSES} classes", width=ESPNET_SIZE[1]))
@@ -143,6 +163,56 @@ class _Weights:
         return _logits(self._by_dtype[x.dtype](x))
 
 
+class _InstanceWeights(_Weights):
+    """As :class:`_Weights` for an instance model: called on a batch ``x`` [N, 3, H, W], it runs the model on
+    ``list(x)`` and returns the kept instances' scores of every image, concatenated."""
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if x.dtype not in self._by_dtype:
+            self._by_dtype[x.dtype] = copy.deepcopy(self._by_dtype[torch.float32]).to(x.dtype)
+        with torch.no_grad():
+            return torch.cat([o["scores"] for o in self._by_dtype[x.dtype](list(x))])
+
+
+def _calibrate_candidates(model: nn.Module, x: Tensor, count: int) -> None:
+    """Shift ``model``'s class biases so that about ``count`` cells (after points NMS) of ``x[0]`` pass its
+    score threshold, the cut in the widest gap of the sorted scores within ``count`` ± 10%; mask biases 0
+    (decoupled SOLO: 1, sigmoid(1)² ≈ 0.5) so that random masks cover about half the image."""
+    with torch.no_grad():
+        levels = model._levels(model.backbone(model._batch(list(x[:1]))))
+        scores = []
+        for level, grid in zip(levels, model.grids, strict=True):
+            logits = model._category(level, grid)
+            local_max = F.max_pool2d(logits, 2, stride=1, padding=1)[..., :-1, :-1]
+            scores.append(logits.masked_fill(local_max != logits, -math.inf).flatten())
+        spread = max(count // 10, 1)
+        top = torch.cat(scores).topk(count + spread).values[count - spread:]
+        i = int((top[:-1] - top[1:]).argmax())
+        cut = (top[i] + top[i + 1]) / 2
+        thr = min(max(model.score_thr, 1e-6), 1 - 1e-6)
+        model.conv_cls.bias += math.log(thr / (1 - thr)) - cut
+        for name, p in model.named_parameters():
+            if name.startswith("conv_mask") and name.endswith("bias"):
+                p.fill_(1.0 if name.startswith(("conv_mask_x", "conv_mask_y")) else 0.0)
+
+
+def _build_instance(factory: Callable[[], nn.Module], calibration: Tensor, x: Tensor,
+                    device: torch.device) -> _InstanceWeights:
+    """An instance model from ``factory()``, seeded, on ``device``: the backbone's BatchNorm statistics from
+    ``calibration`` (normalised as the model does), then the candidates calibrated on ``x``."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        try:
+            model = factory()
+        except ModuleNotFoundError as e:
+            raise SkipCase(f"cannot build: {e}") from e
+        model = model.to(device)
+        _calibrate_batchnorm(model.backbone, model._batch(list(calibration.to(device))))
+        model.eval()
+        _calibrate_candidates(model, x.to(device=device, dtype=torch.float32), INSTANCE_CANDIDATES)
+    return _InstanceWeights(model)
+
+
 def _calibrate_batchnorm(model: nn.Module, x: Tensor) -> None:
     """Running statistics of every BatchNorm from one train-mode pass over ``x`` (their plain average:
     momentum None during the pass); the model is left in eval mode."""
@@ -183,6 +253,11 @@ def _model_inputs(row: _ModelRow, batch: int) -> Callable[[torch.device, torch.d
         n = batch * (CUDA_BATCH if device.type == "cuda" else 1)
         g = torch.Generator().manual_seed(sum(map(ord, row.name)) * 7919 + n)
         w = row.width or row.size
+        if row.instance:
+            x = torch.rand(n, 3, row.size, w, generator=g)
+            calibration = torch.rand(2, 3, row.size, w, generator=g)
+            factory = lambda: create_model(row.model, num_classes=INSTANCE_CLASSES, **row.kwargs)  # noqa: E731
+            return {"x": x.to(device=device, dtype=dtype), "model": _build_instance(factory, calibration, x, device)}
         x = torch.randn(n, 3, row.size, w, generator=g)
         calibration = torch.randn(2, 3, row.size, w, generator=g)
         kwargs = {"num_classes": NUM_CLASSES, **row.kwargs}
@@ -215,10 +290,11 @@ def _model_case(row: _ModelRow, batch: int) -> Case:
     s, w = row.size, row.width or row.size
     params: dict[str, Any] = {
         "layer": f"{row.model} end to end, inference (eval)", "model": row.model, "kwargs": dict(row.kwargs),
-        "N": batch, "N_cuda": CUDA_BATCH * batch, "H": s, "W": w, "input": row.note or f"{s}x{s}",
+        "N": batch, "N_cuda": CUDA_BATCH * batch, "H": s, "W": w, "input": row.note or f"{s}x{w}",
         "shape": f"{batch}x3x{s}x{w} (CUDA: {CUDA_BATCH * batch}x3x{s}x{w})",
-        "classes": row.kwargs.get("num_classes", NUM_CLASSES),
-        "weights": _WEIGHTS, "baseline": _REFERENCE,
+        "classes": INSTANCE_CLASSES if row.instance else row.kwargs.get("num_classes", NUM_CLASSES),
+        "weights": _WEIGHTS + ("; class and mask biases calibrated (module doc)" if row.instance else ""),
+        "baseline": _REFERENCE,
     }
     # A whole model takes seconds a call on CPU: one timing round, the first call as warm-up, three samples.
     timing: dict[str, Any] = {"rounds": 1, "min_reps": 3, "warmup": 0}

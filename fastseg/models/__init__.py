@@ -37,6 +37,9 @@ _MODELS: dict[str, str] = {
     "espnet_c": "espnet:espnet_c",
     "espnet": "espnet:espnet",
     "danet": "danet:danet",
+    "solo": "solo:solo",
+    "decoupled_solo": "solo:decoupled_solo",
+    "solov2": "solo:solov2",
 }
 
 

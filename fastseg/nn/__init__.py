@@ -1,6 +1,7 @@
 """nn.Modules on top of fastseg's fused ops."""
 
 from fastseg.nn.attention import ChannelAttention, DANetHead, PositionAttention
+from fastseg.nn.blocks import ConvGNReLU, add_coords, conv_gn_stack, coord_channels
 from fastseg.nn.conv import SeparableConv2d
 from fastseg.nn.crf import DenseCRF
 from fastseg.nn.esp import ESPModule
@@ -12,6 +13,7 @@ __all__ = [
     "ASPPL",
     "AuxHead",
     "ChannelAttention",
+    "ConvGNReLU",
     "DANetHead",
     "DeepLabV3PlusDecoder",
     "DenseCRF",
@@ -22,4 +24,7 @@ __all__ = [
     "RoIAlign",
     "RoIUpsample",
     "SeparableConv2d",
+    "add_coords",
+    "conv_gn_stack",
+    "coord_channels",
 ]
