@@ -82,6 +82,17 @@ PointwiseGrads pointwise_backward_matmul(const at::Tensor& g, const at::Tensor& 
           at::matmul(g3, y3.transpose(1, 2)).sum(0).view({O, C, 1, 1})};
 }
 
+DepthwiseActGrads depthwise_act_backward_composite(const at::Tensor& gy, const at::Tensor& y,
+                                                   const at::Tensor& a, const at::Tensor& scale,
+                                                   const at::Tensor& shift, bool relu) {
+  const std::array<int64_t, 3> batch_pixels{0, 2, 3};
+  const auto gb = relu ? at::threshold_backward(gy, y, 0) : gy;  // y > 0 exactly where b > 0
+  const auto g_scale = scale.defined() ? (gb * a).sum(batch_pixels) : at::Tensor();
+  const auto g_shift = shift.defined() ? gb.sum(batch_pixels) : at::Tensor();
+  const auto ga = (scale.defined() ? gb * scale.view({1, -1, 1, 1}) : gb).contiguous();
+  return {ga, g_scale, g_shift};
+}
+
 SepConvGrads separable_conv2d_backward_impl(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& dw_weight,
     const at::Tensor& pw_weight, const std::optional<at::Tensor>& dw_scale,
@@ -108,12 +119,13 @@ SepConvGrads separable_conv2d_backward_impl(
   // Reduce over batch and pixels. A named array: torch 2.11's headers find sum({0, 2}) ambiguous.
   const std::array<int64_t, 3> batch_pixels{0, 2, 3}, in_channels{1, 2, 3};
 
-  // Recompute the depthwise stage: a (depthwise), b (affine), y (act).
+  // Recompute the depthwise stage: a (depthwise), y (affine + act).
   const auto a = kernels.forward(xf, dwf, g);
-  auto b = a;
-  if (ds.defined()) b = b * col(ds);
-  if (dh.defined()) b = b + col(dh);
-  const auto y = dw_relu ? b.clamp_min(0) : b;
+  auto y = ds.defined() && dh.defined() ? at::addcmul(col(dh), a, col(ds))
+           : ds.defined()               ? a * col(ds)
+           : dh.defined()               ? a + col(dh)
+                                        : a;
+  if (dw_relu) y = ds.defined() || dh.defined() ? y.clamp_min_(0) : y.clamp_min(0);
 
   // The pointwise stage is u = w_eff · y + ph with the scale folded into the weight: its
   // gradients give those of pw (G · ps) and of the scale (Σ_c pw ⊙ G, as Σ_p gu·z = Σ_c pw·(Σ_p gu·yᵀ)),
@@ -129,10 +141,7 @@ SepConvGrads separable_conv2d_backward_impl(
   const auto g_pw = ps.defined() ? G * ps.view({O, 1, 1, 1}) : G;
   const auto g_ps = ps.defined() ? (G * pwf).sum(in_channels) : at::Tensor();
   const auto g_ph = ph.defined() ? gu.sum(batch_pixels) : at::Tensor();
-  auto gb = dw_relu ? at::threshold_backward(gy, y, 0) : gy;  // y > 0 exactly where b > 0
-  const auto g_ds = ds.defined() ? (gb * a).sum(batch_pixels) : at::Tensor();
-  const auto g_dh = dh.defined() ? gb.sum(batch_pixels) : at::Tensor();
-  const auto ga = (ds.defined() ? gb * col(ds) : gb).contiguous();
+  const auto [ga, g_ds, g_dh] = kernels.act_backward(gy, y, a, ds, dh, dw_relu);
   const auto g_x = kernels.backward_input(ga, dwf, x.size(2), x.size(3), g);
   const auto g_dw = kernels.backward_weight(ga, xf, k, g);
 

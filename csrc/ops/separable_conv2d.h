@@ -33,6 +33,14 @@ using PointwiseGrads = std::tuple<at::Tensor, at::Tensor>;
 PointwiseGrads pointwise_backward_matmul(const at::Tensor& g, const at::Tensor& y,
                                          const at::Tensor& w);
 
+// The backward of the depthwise affine + ReLU y = act(a · scale + shift) (a, y, gy = dL/dy
+// [N, C, Ho, Wo] contiguous; scale, shift [C] or undefined): (dL/da, dL/dscale, dL/dshift), the
+// last two undefined where the parameter is; through at:: ops.
+using DepthwiseActGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+DepthwiseActGrads depthwise_act_backward_composite(const at::Tensor& gy, const at::Tensor& y,
+                                                   const at::Tensor& a, const at::Tensor& scale,
+                                                   const at::Tensor& shift, bool relu);
+
 // Primitives a device provides to the backward. All tensors contiguous NCHW of one dtype.
 struct DepthwiseKernels {
   // a[n,c,o] = sum_t x[n,c,tap(o,t)] * w[c,t]            -> [N, C, Ho, Wo]
@@ -46,6 +54,10 @@ struct DepthwiseKernels {
   // the pointwise stage's gradients, as pointwise_backward_matmul
   PointwiseGrads (*pointwise_backward)(const at::Tensor& g, const at::Tensor& y,
                                        const at::Tensor& w) = pointwise_backward_matmul;
+  // the depthwise affine + ReLU's backward, as depthwise_act_backward_composite
+  DepthwiseActGrads (*act_backward)(const at::Tensor& gy, const at::Tensor& y, const at::Tensor& a,
+                                    const at::Tensor& scale, const at::Tensor& shift,
+                                    bool relu) = depthwise_act_backward_composite;
 };
 
 using SepConvGrads =

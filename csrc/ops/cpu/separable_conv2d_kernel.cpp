@@ -1,10 +1,16 @@
 // CPU kernels of fastseg::separable_conv2d.
 //
-// Forward: one pass per tile of output rows of one image. The depthwise result of the tile
-// ([C, tile] values, sized to stay in cache) is built with branch-free row loops, gets its affine +
-// ReLU, and feeds a BLAS GEMM that writes the pointwise result straight into the output, whose
-// affine + ReLU epilogue runs while the tile is still in cache. The [N, C, Ho, Wo] depthwise
-// intermediate is never materialised. Backward: depthwise kernels below + the shared composite.
+// Forward, two paths chosen per shape (use_split_forward):
+//  * fused: one pass per tile of output rows of one image. The depthwise result of the tile
+//    ([C, tile] values, sized to stay in cache) is built with branch-free row loops, gets its
+//    affine + ReLU, and feeds a BLAS GEMM that writes the pointwise result straight into the
+//    output, whose affine + ReLU epilogue runs while the tile is still in cache. The
+//    [N, C, Ho, Wo] depthwise intermediate is never materialised.
+//  * split: the same depthwise loops write the intermediate (affine + ReLU applied) once, and the
+//    pointwise stage runs as eager's 1x1 convolution (oneDNN, faster than BLAS where C·O is large)
+//    with the pointwise scale folded into the weight and the shift as its bias.
+// Backward: the shared composite with the depthwise kernels below, the depthwise affine + ReLU's
+// backward in one pass, and the pointwise gradients through eager's 1x1 convolution backward.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -29,7 +35,15 @@ using common::affine_act;
 using common::tap_input;
 using common::tap_valid_range;
 
-// Whether the split forward (use_split_forward) beats the fused one for C -> O channels. RULE
+// Whether the split forward (use_split_forward) beats the fused one for C -> O channels, where
+// eager's 1x1 convolution runs oneDNN. Split saves the GEMM-rate gap, ~C·O FLOPs per pixel, and
+// pays ~3C + 2O extra memory traffic per pixel (the intermediate written and read, oneDNN's
+// reorders, the final ReLU): split where C·O / (3C + 2O) >= 40. Measured here (AMD EPYC, 2
+// threads, load ~2, single samples), eager's oneDNN 1x1 conv vs the BLAS GEMM: 128 -> 128 at
+// 129x129 (ratio 26) 21.0 vs 15.2 ms, BLAS ahead; 256 -> 256 at 129x129 (51) 31.7 vs 55.9 ms;
+// 2048 -> 256 at 33x33 (79) 19.4 vs 24.0 ms; 1536 -> 2048 at 33x33 (361) 41.5 vs 43.6 ms.
+// Under heavy load (load 17 on 2 cores) the fused kernel won everywhere: oneDNN's threads
+// suffer most from oversubscription; the rule follows the quiet machine.
 bool split_pays(int64_t C, int64_t O) { return C * O >= 40 * (3 * C + 2 * O); }
 
 // Geometry of one channel plane plus, per column tap j, the output columns [lo, hi) whose
@@ -266,6 +280,56 @@ at::Tensor depthwise_backward_weight(const at::Tensor& grad, const at::Tensor& x
   return gw;
 }
 
+// The depthwise affine + ReLU's backward in one pass over the planes (the composite takes five):
+// gb = gy where y > 0 (or everywhere without ReLU), ga = gb * scale, and the scale / shift
+// gradients Σ gb * a, Σ gb, summed per plane in T and across planes in double.
+template <typename T>
+FASTSEG_CPU_CLONES void act_backward_plane(const T* __restrict__ gy, const T* __restrict__ y,
+                                           const T* __restrict__ a, T* __restrict__ ga,
+                                           int64_t P, T scale, bool relu, T* sa, T* sg) {
+  T s_a = 0, s_g = 0;
+#pragma omp simd reduction(+ : s_a, s_g)
+  for (int64_t p = 0; p < P; ++p) {
+    const T gb = (!relu || y[p] > T(0)) ? gy[p] : T(0);
+    s_a += gb * a[p];
+    s_g += gb;
+    ga[p] = gb * scale;
+  }
+  *sa = s_a;
+  *sg = s_g;
+}
+
+DepthwiseActGrads depthwise_act_backward_cpu(const at::Tensor& gy, const at::Tensor& y,
+                                             const at::Tensor& a, const at::Tensor& scale,
+                                             const at::Tensor& shift, bool relu) {
+  const int64_t N = gy.size(0), C = gy.size(1), P = gy.size(2) * gy.size(3);
+  auto ga = at::empty_like(gy);
+  auto g_scale = at::empty({C}, gy.options()), g_shift = at::empty({C}, gy.options());
+  AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "depthwise_act_backward_cpu", [&] {
+    const scalar_t *gp = gy.const_data_ptr<scalar_t>(), *yp = y.const_data_ptr<scalar_t>();
+    const scalar_t *ap = a.const_data_ptr<scalar_t>(), *sp = ptr_or_null<scalar_t>(scale);
+    scalar_t *gap = ga.mutable_data_ptr<scalar_t>(), *gsp = g_scale.mutable_data_ptr<scalar_t>();
+    scalar_t* ghp = g_shift.mutable_data_ptr<scalar_t>();
+    // One channel per task over all images: fixed summation order, no atomics.
+    at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
+      for (int64_t c = b; c < e; ++c) {
+        double acc_a = 0, acc_g = 0;
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t off = (n * C + c) * P;
+          scalar_t s_a, s_g;
+          act_backward_plane(gp + off, yp + off, ap + off, gap + off, P,
+                             sp ? sp[c] : scalar_t(1), relu, &s_a, &s_g);
+          acc_a += s_a;
+          acc_g += s_g;
+        }
+        gsp[c] = static_cast<scalar_t>(acc_a);
+        ghp[c] = static_cast<scalar_t>(acc_g);
+      }
+    });
+  });
+  return {ga, scale.defined() ? g_scale : at::Tensor(), shift.defined() ? g_shift : at::Tensor()};
+}
+
 // ---- the pointwise stage as a 1x1 convolution (oneDNN) -------------------------------------------
 
 // FASTSEG_SEPCONV_CPU_PATH=fused|split forces the path below (tests, benchmarks); unset: auto.
@@ -312,12 +376,13 @@ PointwiseGrads pointwise_backward_cpu(const at::Tensor& g, const at::Tensor& y,
 }
 
 constexpr DepthwiseKernels kCpuDepthwise{depthwise_forward, depthwise_backward_input,
-                                         depthwise_backward_weight, pointwise_backward_cpu};
+                                         depthwise_backward_weight, pointwise_backward_cpu,
+                                         depthwise_act_backward_cpu};
 
 // Which forward runs: the fused tile kernel (the depthwise tile feeds a BLAS GEMM in cache; the
 // [N, C, Ho, Wo] intermediate is never written) or the split one (the depthwise stage with its
 // affine + ReLU writes the intermediate once, and the pointwise stage runs as eager's 1x1
-// convolution, oneDNN). RULE
+// convolution, oneDNN), by split_pays.
 bool use_split_forward(int64_t N, int64_t C, int64_t O, int64_t P, at::ScalarType st) {
   if (!pointwise_as_conv(N, C, O, P, st)) return false;
   return forced_path() == Path::kSplit || split_pays(C, O);
