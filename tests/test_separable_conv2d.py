@@ -155,6 +155,58 @@ def test_gradcheck(backend, case):
     assert torch.autograd.gradcheck(fn, tensors_of(args, kwargs), eps=1e-6, atol=1e-7)
 
 
+# The CPU op picks per shape between the fused tile kernel (BLAS GEMM on the depthwise tile) and
+# the split path (depthwise intermediate, then the pointwise stage as a 1x1 convolution, oneDNN,
+# with its backward); FASTSEG_SEPCONV_CPU_PATH forces either. Forced "split" runs float64 too
+# (at::convolution's slow path), so gradcheck covers it.
+PATH_CASES = [CASES[0], CASES[1], CASES[2], CASES[5], CASES[11], CASES[12], CASES[13],
+              Case(2, 70, 67, 11, 9, dilation=2, layout="strided"), Case(1, 9, 11, 17, 13, k=5, stride=2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", PATH_CASES, ids=[str(c) for c in PATH_CASES])
+@pytest.mark.parametrize("path", ["fused", "split"])
+def test_cpu_paths_match_reference(monkeypatch, path, case, dtype):
+    monkeypatch.setenv("FASTSEG_SEPCONV_CPU_PATH", path)
+    check_forward_backward(case, "cpu", "cpu", dtype)
+
+
+@pytest.mark.parametrize("case", [c for c in PATH_CASES if c.small], ids=str)
+@pytest.mark.parametrize("path", ["fused", "split"])
+def test_cpu_paths_gradcheck(monkeypatch, path, case):
+    monkeypatch.setenv("FASTSEG_SEPCONV_CPU_PATH", path)
+    test_gradcheck("cpu", case)
+
+
+def test_cpu_paths_agree_on_a_deeplab_shape(monkeypatch):
+    """An ASPP-like shape (many channels: the automatic choice picks split where oneDNN runs) in
+    both paths and the automatic one: the same result, and the same gradients."""
+    case = Case(1, 203, 131, 13, 11, dilation=6)
+    results = {}
+    for path in ("fused", "split", ""):
+        monkeypatch.setenv("FASTSEG_SEPCONV_CPU_PATH", path)
+        torch.manual_seed(0)
+        args, kwargs = sample_inputs(case, "cpu", torch.float32, requires_grad=True)
+        out = ops.separable_conv2d(*args, **kwargs, backend="cpu")
+        results[path] = (out, *torch.autograd.grad(out.square().sum(), tensors_of(args, kwargs)))
+    for path in ("split", ""):
+        for got, want in zip(results[path], results["fused"], strict=True):
+            torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+
+
+def test_backward_op_with_relu_matches_autograd():
+    """Autograd applies the final ReLU's mask itself and calls the backward op with relu=False;
+    a direct call with relu=True recomputes the mask and must give the same gradients."""
+    args, kwargs = sample_inputs(CASES[0], "cpu", torch.float64, requires_grad=True)
+    out = ops.separable_conv2d(*args, **kwargs, backend="cpu")
+    grad = torch.randn_like(out)
+    want = torch.autograd.grad(out, tensors_of(args, kwargs), grad)
+    pos = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in positional(args, kwargs))
+    got = torch.ops.fastseg._separable_conv2d_backward(grad, *pos)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+
+
 def positional(args, kwargs):
     """Arguments of torch.ops.fastseg.separable_conv2d (the schema's order)."""
     beg, end = fixed_padding(args[1].shape[-1], kwargs["dilation"], kwargs["padding"])

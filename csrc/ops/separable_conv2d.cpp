@@ -74,6 +74,25 @@ at::Tensor affine_param(const std::optional<at::Tensor>& p, at::ScalarType opmat
   return p->to(opmath).contiguous();
 }
 
+PointwiseGrads pointwise_backward_matmul(const at::Tensor& g, const at::Tensor& y,
+                                         const at::Tensor& w) {
+  const int64_t N = g.size(0), O = g.size(1), C = y.size(1), P = g.size(2) * g.size(3);
+  const auto g3 = g.view({N, O, P}), y3 = y.view({N, C, P}), w2 = w.view({O, C});
+  return {at::matmul(w2.t(), g3).view(y.sizes()),
+          at::matmul(g3, y3.transpose(1, 2)).sum(0).view({O, C, 1, 1})};
+}
+
+DepthwiseActGrads depthwise_act_backward_composite(const at::Tensor& gy, const at::Tensor& y,
+                                                   const at::Tensor& a, const at::Tensor& scale,
+                                                   const at::Tensor& shift, bool relu) {
+  const std::array<int64_t, 3> batch_pixels{0, 2, 3};
+  const auto gb = relu ? at::threshold_backward(gy, y, 0) : gy;  // y > 0 exactly where b > 0
+  const auto g_scale = scale.defined() ? (gb * a).sum(batch_pixels) : at::Tensor();
+  const auto g_shift = shift.defined() ? gb.sum(batch_pixels) : at::Tensor();
+  const auto ga = (scale.defined() ? gb * scale.view({1, -1, 1, 1}) : gb).contiguous();
+  return {ga, g_scale, g_shift};
+}
+
 SepConvGrads separable_conv2d_backward_impl(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& dw_weight,
     const at::Tensor& pw_weight, const std::optional<at::Tensor>& dw_scale,
@@ -88,42 +107,41 @@ SepConvGrads separable_conv2d_backward_impl(
   at::AutoDispatchBelowADInplaceOrView guard;
   const auto opmath = at::toOpMathType(x.scalar_type());
   const int64_t N = x.size(0), C = x.size(1), O = pw_weight.size(0), k = dw_weight.size(2);
-  const int64_t Ho = out_shape[2], Wo = out_shape[3], P = Ho * Wo;
+  const int64_t P = out_shape[2] * out_shape[3];
 
   const auto xf = x.to(opmath).contiguous();
   const auto dwf = dw_weight.to(opmath).contiguous();
-  const auto pw2 = pw_weight.to(opmath).reshape({O, C});
-  const auto gout = grad_out.to(opmath).reshape({N, O, P});
+  const auto pwf = pw_weight.to(opmath).contiguous();
+  const auto gout = grad_out.to(opmath).contiguous();
   const auto ds = affine_param(dw_scale, opmath), dh = affine_param(dw_shift, opmath);
   const auto ps = affine_param(pw_scale, opmath), ph = affine_param(pw_shift, opmath);
-  auto col = [](const at::Tensor& t) { return t.view({1, -1, 1}); };
+  auto col = [](const at::Tensor& t) { return t.view({1, -1, 1, 1}); };
   // Reduce over batch and pixels. A named array: torch 2.11's headers find sum({0, 2}) ambiguous.
-  const std::array<int64_t, 2> batch_pixels{0, 2};
+  const std::array<int64_t, 3> batch_pixels{0, 2, 3}, in_channels{1, 2, 3};
 
-  // Recompute the forward: a (depthwise), b (affine), y (act), z (pointwise), u (affine).
-  const auto a = kernels.forward(xf, dwf, g).view({N, C, P});
-  auto b = a;
-  if (ds.defined()) b = b * col(ds);
-  if (dh.defined()) b = b + col(dh);
-  const auto y = dw_relu ? b.clamp_min(0) : b;
-  const auto z = at::matmul(pw2, y);
+  // Recompute the depthwise stage: a (depthwise), y (affine + act).
+  const auto a = kernels.forward(xf, dwf, g);
+  auto y = ds.defined() && dh.defined() ? at::addcmul(col(dh), a, col(ds))
+           : ds.defined()               ? a * col(ds)
+           : dh.defined()               ? a + col(dh)
+                                        : a;
+  if (dw_relu) y = ds.defined() || dh.defined() ? y.clamp_min_(0) : y.clamp_min(0);
 
+  // The pointwise stage is u = w_eff · y + ph with the scale folded into the weight: its
+  // gradients give those of pw (G · ps) and of the scale (Σ_c pw ⊙ G, as Σ_p gu·z = Σ_c pw·(Σ_p gu·yᵀ)),
+  // so the pointwise result z is needed only for the final ReLU's mask when relu is set here.
+  const auto w_eff = ps.defined() ? pwf * ps.view({O, 1, 1, 1}) : pwf;
   auto gu = gout;
   if (relu) {
-    auto u = z;
-    if (ps.defined()) u = u * col(ps);
+    auto u = at::matmul(w_eff.view({O, C}), y.view({N, C, P})).view(out_shape);
     if (ph.defined()) u = u + col(ph);
-    gu = gout * u.gt(0);
+    gu = at::threshold_backward(gout, u, 0);
   }
-  const auto g_ps = ps.defined() ? (gu * z).sum(batch_pixels) : at::Tensor();
+  auto [gy, G] = kernels.pointwise_backward(gu, y, w_eff);
+  const auto g_pw = ps.defined() ? G * ps.view({O, 1, 1, 1}) : G;
+  const auto g_ps = ps.defined() ? (G * pwf).sum(in_channels) : at::Tensor();
   const auto g_ph = ph.defined() ? gu.sum(batch_pixels) : at::Tensor();
-  const auto gz = ps.defined() ? gu * col(ps) : gu;
-  const auto g_pw = at::matmul(gz, y.transpose(1, 2)).sum(0).view({O, C, 1, 1});
-  auto gb = at::matmul(pw2.t(), gz);
-  if (dw_relu) gb = gb * b.gt(0);
-  const auto g_ds = ds.defined() ? (gb * a).sum(batch_pixels) : at::Tensor();
-  const auto g_dh = dh.defined() ? gb.sum(batch_pixels) : at::Tensor();
-  const auto ga = (ds.defined() ? gb * col(ds) : gb).view({N, C, Ho, Wo}).contiguous();
+  const auto [ga, g_ds, g_dh] = kernels.act_backward(gy, y, a, ds, dh, dw_relu);
   const auto g_x = kernels.backward_input(ga, dwf, x.size(2), x.size(3), g);
   const auto g_dw = kernels.backward_weight(ga, xf, k, g);
 

@@ -1,4 +1,4 @@
-"""``separable_conv2d`` cases: DeepLabv3+ (513x513 input) ASPP and Aligned Xception-65 layers."""
+"""``separable_conv2d`` cases: DeepLabv3+ (513x513 input) ASPP, decoder and Aligned Xception-65 layers."""
 
 from __future__ import annotations
 
@@ -42,12 +42,19 @@ _SEPCONV_SHAPES: tuple[_SepConvShape, ...] = (
     _SepConvShape("aspp_os8_r12", "ASPP separable branch, OS8, rate 12", 2048, 256, 65, 65, dilation=12),
     _SepConvShape("aspp_os8_r24", "ASPP separable branch, OS8, rate 24", 2048, 256, 65, 65, dilation=24),
     _SepConvShape("aspp_os8_r36", "ASPP separable branch, OS8, rate 36", 2048, 256, 65, 65, dilation=36),
+    _SepConvShape("xception_entry_b1", "Xception-65 entry flow block 1, 1st sepconv", 64, 128, 257, 257),
+    _SepConvShape("xception_entry_b1_128", "Xception-65 entry flow block 1, 2nd sepconv", 128, 128, 257, 257),
     _SepConvShape("xception_entry_b1_s2", "Xception-65 entry flow block 1, 3rd sepconv (stride 2, 257->129)",
                   128, 128, 257, 257, stride=2, quick=True),
     _SepConvShape("xception_entry_b2", "Xception-65 entry flow block 2, 1st sepconv", 128, 256, 129, 129),
     _SepConvShape("xception_entry_b2_256", "Xception-65 entry flow block 2, 2nd sepconv", 256, 256, 129, 129),
     _SepConvShape("xception_entry_b3", "Xception-65 entry flow block 3, 1st sepconv", 256, 728, 65, 65),
+    _SepConvShape("xception_entry_b3_728", "Xception-65 entry flow block 3, 2nd sepconv", 728, 728, 65, 65),
+    _SepConvShape("xception_entry_b3_s2", "Xception-65 entry flow block 3, 3rd sepconv (stride 2, 65->33)",
+                  728, 728, 65, 65, stride=2),
     _SepConvShape("xception_middle_os16", "Xception-65 middle flow sepconv, OS16", 728, 728, 33, 33, quick=True),
+    _SepConvShape("xception_exit_728_1024_os16", "Xception-65 exit flow block 1, 2nd sepconv, OS16",
+                  728, 1024, 33, 33),
     _SepConvShape("xception_exit_1024_1536_os16", "Xception-65 exit flow block 2, 1st sepconv, OS16 (rate 2)",
                   1024, 1536, 33, 33, dilation=2),
     _SepConvShape("xception_exit_1536_2048_os16", "Xception-65 exit flow block 2, 3rd sepconv, OS16 (rate 2)",
@@ -56,9 +63,14 @@ _SEPCONV_SHAPES: tuple[_SepConvShape, ...] = (
                   1024, 1536, 17, 17),
     _SepConvShape("xception_exit_1536_2048_os32", "Xception-65 exit flow block 2, 3rd sepconv, OS32",
                   1536, 2048, 17, 17),
+    # Decoder at output stride 4 (129x129): the upsampled ASPP output (256) concatenated with the
+    # 48-channel projection of the low-level features, then two 3x3 separable convs of 256.
+    _SepConvShape("decoder_1", "DeepLabv3+ decoder, 1st sepconv (256 + 48 -> 256)", 304, 256, 129, 129),
+    _SepConvShape("decoder_2", "DeepLabv3+ decoder, 2nd sepconv", 256, 256, 129, 129),
 )
-# Forward + backward (train-style: grads of x, dw_weight, pw_weight) on these.
-_SEPCONV_TRAIN = {"aspp_os16_r12": True, "xception_middle_os16": False, "xception_entry_b2": False}
+# Every shape also runs forward + backward (train-style: grads of x, dw_weight, pw_weight); these
+# train cases are in the quick subset.
+_SEPCONV_TRAIN_QUICK = ("aspp_os16_r12",)
 _SEPCONV_WRT = ("x", "dw_weight", "pw_weight")
 
 
@@ -147,9 +159,9 @@ def _sepconv_case(s: _SepConvShape, batch: int, train: bool, quick: bool) -> Cas
 def separable_conv2d_cases(batch: int = 1, quick: bool = False) -> list[Case]:
     """DeepLabv3+ at 513x513: the ASPP separable branches (2048->256, 3x3) at output stride 16 (33x33,
     rates 6/12/18) and 8 (65x65, rates 12/24/36), and Aligned Xception-65 entry/middle/exit flow
-    separable convs; forward, plus forward+backward on a few of them. ``quick`` marks the CI subset."""
+    separable convs, and the decoder's two separable convs (256 channels at 129x129); forward and
+    forward+backward of each. ``quick`` marks the CI subset."""
     cases = [_sepconv_case(s, batch, False, s.quick) for s in _SEPCONV_SHAPES]
-    by_name = {s.name: s for s in _SEPCONV_SHAPES}
-    cases += [_sepconv_case(by_name[n], batch, True, q) for n, q in _SEPCONV_TRAIN.items()]
+    cases += [_sepconv_case(s, batch, True, s.name in _SEPCONV_TRAIN_QUICK) for s in _SEPCONV_SHAPES]
     return cases
 

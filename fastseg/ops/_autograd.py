@@ -13,21 +13,27 @@ _N_AFFINE = 4  # dw_scale, dw_shift, pw_scale, pw_shift
 
 def _sep_setup(ctx, inputs, output):
     x, dw_weight, pw_weight, *affine = inputs[: 3 + _N_AFFINE]
-    ctx.geometry = inputs[3 + _N_AFFINE:]
+    ctx.geometry = inputs[3 + _N_AFFINE:]  # stride, pad_beg, pad_end, dilation, dw_relu, relu
     ctx.has_affine = [t is not None for t in affine]
-    ctx.save_for_backward(x, dw_weight, pw_weight, *[t for t in affine if t is not None])
+    # With a final ReLU the output is kept: its sign is the ReLU's mask, so the backward need not
+    # recompute the pointwise GEMM (eager's ReLU keeps its output alive just the same).
+    ctx.save_for_backward(x, dw_weight, pw_weight, *[t for t in affine if t is not None],
+                          output if ctx.geometry[-1] else None)
 
 
 def register_separable_conv2d_autograd(op: str, backward_op) -> None:
     """Autograd for ``op`` (separable_conv2d's schema) through ``backward_op``, which returns the
     grads of (x, dw_weight, pw_weight, dw_scale, dw_shift, pw_scale, pw_shift); absent affines
-    come back as empty tensors and get None."""
+    come back as empty tensors and get None. The final ReLU's backward runs here, on the saved
+    output, and ``backward_op`` gets relu=False."""
 
     def backward(ctx, grad):
-        x, dw_weight, pw_weight, *present = ctx.saved_tensors
+        x, dw_weight, pw_weight, *present, out = ctx.saved_tensors
         it = iter(present)
         affine = [next(it) if has else None for has in ctx.has_affine]
-        grads = backward_op(grad.contiguous(), x, dw_weight, pw_weight, *affine, *ctx.geometry)
+        *geometry, relu = ctx.geometry
+        grad = (torch.ops.aten.threshold_backward(grad, out, 0) if relu else grad).contiguous()
+        grads = backward_op(grad, x, dw_weight, pw_weight, *affine, *geometry, False)
         g_affine = [g if has else None for g, has in zip(grads[3:], ctx.has_affine, strict=True)]
         return (*grads[:3], *g_affine) + (None,) * len(ctx.geometry)
 

@@ -1,16 +1,27 @@
 // CPU kernels of fastseg::separable_conv2d.
 //
-// Forward: one pass per tile of output rows of one image. The depthwise result of the tile
-// ([C, tile] values, sized to stay in cache) is built with branch-free row loops, gets its affine +
-// ReLU, and feeds a BLAS GEMM that writes the pointwise result straight into the output, whose
-// affine + ReLU epilogue runs while the tile is still in cache. The [N, C, Ho, Wo] depthwise
-// intermediate is never materialised. Backward: depthwise kernels below + the shared composite.
+// Forward, two paths chosen per shape (use_split_forward):
+//  * fused: one pass per tile of output rows of one image. The depthwise result of the tile
+//    ([C, tile] values, sized to stay in cache) is built with branch-free row loops, gets its
+//    affine + ReLU, and feeds a BLAS GEMM that writes the pointwise result straight into the
+//    output, whose affine + ReLU epilogue runs while the tile is still in cache. The
+//    [N, C, Ho, Wo] depthwise intermediate is never materialised.
+//  * split: the same depthwise loops write the intermediate (affine + ReLU applied) once, and the
+//    pointwise stage runs as eager's 1x1 convolution (oneDNN, faster than BLAS where C·O is large)
+//    with the pointwise scale folded into the weight and the shift as its bias.
+// Backward: the shared composite with the depthwise kernels below, the depthwise affine + ReLU's
+// backward in one pass, and the pointwise gradients through eager's 1x1 convolution backward.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/ConvUtils.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <cstdlib>
+#include <string_view>
 #include <vector>
 
 #include "ops/common/separable_conv.h"
@@ -23,6 +34,17 @@ namespace {
 using common::affine_act;
 using common::tap_input;
 using common::tap_valid_range;
+
+// Whether the split forward (use_split_forward) beats the fused one for C -> O channels, where
+// eager's 1x1 convolution runs oneDNN. Split saves the GEMM-rate gap, ~C·O FLOPs per pixel, and
+// pays ~3C + 2O extra memory traffic per pixel (the intermediate written and read, oneDNN's
+// reorders, the final ReLU): split where C·O / (3C + 2O) >= 40. Measured here (AMD EPYC, 2
+// threads, load ~2, single samples), eager's oneDNN 1x1 conv vs the BLAS GEMM: 128 -> 128 at
+// 129x129 (ratio 26) 21.0 vs 15.2 ms, BLAS ahead; 256 -> 256 at 129x129 (51) 31.7 vs 55.9 ms;
+// 2048 -> 256 at 33x33 (79) 19.4 vs 24.0 ms; 1536 -> 2048 at 33x33 (361) 41.5 vs 43.6 ms.
+// Under heavy load (load 17 on 2 cores) the fused kernel won everywhere: oneDNN's threads
+// suffer most from oversubscription; the rule follows the quiet machine.
+bool split_pays(int64_t C, int64_t O) { return C * O >= 40 * (3 * C + 2 * O); }
 
 // Geometry of one channel plane plus, per column tap j, the output columns [lo, hi) whose
 // input column ow * s + off stays inside the image: computed once, so inner loops are branch-free.
@@ -137,20 +159,31 @@ void fused_forward(const at::Tensor& x, const at::Tensor& dw, const at::Tensor& 
 
 // ---- depthwise primitives for the backward ---------------------------------------------------
 
-at::Tensor depthwise_forward(const at::Tensor& x, const at::Tensor& w, const SepConvGeometry& g) {
+// The depthwise stage over whole planes -> [N, C, Ho, Wo], with the per-channel affine (scale /
+// shift: undefined or [C] of x's dtype) and ReLU applied while each plane is in cache.
+at::Tensor depthwise_act(const at::Tensor& x, const at::Tensor& w, const SepConvGeometry& g,
+                         const at::Tensor& scale, const at::Tensor& shift, bool relu) {
   const Plane pl = plane_of(x.size(2), x.size(3), w.size(2), g);
   auto out = at::empty({x.size(0), x.size(1), pl.Ho, pl.Wo}, x.options());
   if (out.numel() == 0) return out;
   const int64_t C = x.size(1), P = pl.Ho * pl.Wo, kk = pl.k * pl.k;
+  const bool act = scale.defined() || shift.defined() || relu;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "depthwise_forward_cpu", [&] {
     const scalar_t *xp = x.const_data_ptr<scalar_t>(), *wp = w.const_data_ptr<scalar_t>();
+    const scalar_t *sp = ptr_or_null<scalar_t>(scale), *hp = ptr_or_null<scalar_t>(shift);
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, x.size(0) * C, 1, [&](int64_t b, int64_t e) {
-      for (int64_t nc = b; nc < e; ++nc)
+      for (int64_t nc = b; nc < e; ++nc) {
         depthwise_rows(xp + nc * pl.H * pl.W, wp + (nc % C) * kk, op + nc * P, 0, pl.Ho, pl);
+        if (act) act_row(op + nc * P, P, sp, hp, nc % C, relu);
+      }
     });
   });
   return out;
+}
+
+at::Tensor depthwise_forward(const at::Tensor& x, const at::Tensor& w, const SepConvGeometry& g) {
+  return depthwise_act(x, w, g, at::Tensor(), at::Tensor(), false);
 }
 
 // Transpose of depthwise_rows for one plane: scatters grad [Ho, Wo] into gx [H, W] (zeroed).
@@ -247,8 +280,125 @@ at::Tensor depthwise_backward_weight(const at::Tensor& grad, const at::Tensor& x
   return gw;
 }
 
+// The depthwise affine + ReLU's backward in one pass over the planes (the composite takes five):
+// gb = gy where y > 0 (or everywhere without ReLU), ga = gb * scale, and the scale / shift
+// gradients Σ gb * a, Σ gb, summed per plane in T and across planes in double.
+template <typename T>
+FASTSEG_CPU_CLONES void act_backward_plane(const T* __restrict__ gy, const T* __restrict__ y,
+                                           const T* __restrict__ a, T* __restrict__ ga,
+                                           int64_t P, T scale, bool relu, T* sa, T* sg) {
+  T s_a = 0, s_g = 0;
+#pragma omp simd reduction(+ : s_a, s_g)
+  for (int64_t p = 0; p < P; ++p) {
+    const T gb = (!relu || y[p] > T(0)) ? gy[p] : T(0);
+    s_a += gb * a[p];
+    s_g += gb;
+    ga[p] = gb * scale;
+  }
+  *sa = s_a;
+  *sg = s_g;
+}
+
+DepthwiseActGrads depthwise_act_backward_cpu(const at::Tensor& gy, const at::Tensor& y,
+                                             const at::Tensor& a, const at::Tensor& scale,
+                                             const at::Tensor& shift, bool relu) {
+  const int64_t N = gy.size(0), C = gy.size(1), P = gy.size(2) * gy.size(3);
+  auto ga = at::empty_like(gy);
+  auto g_scale = at::empty({C}, gy.options()), g_shift = at::empty({C}, gy.options());
+  AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "depthwise_act_backward_cpu", [&] {
+    const scalar_t *gp = gy.const_data_ptr<scalar_t>(), *yp = y.const_data_ptr<scalar_t>();
+    const scalar_t *ap = a.const_data_ptr<scalar_t>(), *sp = ptr_or_null<scalar_t>(scale);
+    scalar_t *gap = ga.mutable_data_ptr<scalar_t>(), *gsp = g_scale.mutable_data_ptr<scalar_t>();
+    scalar_t* ghp = g_shift.mutable_data_ptr<scalar_t>();
+    // One channel per task over all images: fixed summation order, no atomics.
+    at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
+      for (int64_t c = b; c < e; ++c) {
+        double acc_a = 0, acc_g = 0;
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t off = (n * C + c) * P;
+          scalar_t s_a, s_g;
+          act_backward_plane(gp + off, yp + off, ap + off, gap + off, P,
+                             sp ? sp[c] : scalar_t(1), relu, &s_a, &s_g);
+          acc_a += s_a;
+          acc_g += s_g;
+        }
+        gsp[c] = static_cast<scalar_t>(acc_a);
+        ghp[c] = static_cast<scalar_t>(acc_g);
+      }
+    });
+  });
+  return {ga, scale.defined() ? g_scale : at::Tensor(), shift.defined() ? g_shift : at::Tensor()};
+}
+
+// ---- the pointwise stage as a 1x1 convolution (oneDNN) -------------------------------------------
+
+// FASTSEG_SEPCONV_CPU_PATH=fused|split forces the path below (tests, benchmarks); unset: auto.
+enum class Path { kAuto, kFused, kSplit };
+
+Path forced_path() {
+  const char* v = std::getenv("FASTSEG_SEPCONV_CPU_PATH");
+  if (v == nullptr) return Path::kAuto;
+  const std::string_view s(v);
+  return s == "fused" ? Path::kFused : s == "split" ? Path::kSplit : Path::kAuto;
+}
+
+// Whether eager PyTorch runs the 1x1 convolution of y [N, C, Ho, Wo] by w [O, C, 1, 1] through
+// oneDNN (float32, oneDNN enabled, and, for 1x1 kernels, more than one thread or N >= 16). Asked
+// with zero-stride stand-ins, so nothing of y's size is allocated.
+bool eager_pointwise_on_onednn(int64_t N, int64_t C, int64_t O, int64_t P, at::ScalarType st) {
+  if (st != at::kFloat) return false;
+  const auto opts = at::TensorOptions().dtype(st);
+  const auto y = at::empty({1}, opts).expand({N, C, P, 1});
+  const auto w = at::empty({1}, opts).expand({O, C, 1, 1});
+  const std::array<c10::SymInt, 2> one{1, 1}, zero{0, 0};
+  return at::native::select_conv_backend(y, w, std::nullopt, one, zero, one, false, zero, 1,
+                                         std::nullopt) == at::native::ConvBackend::Mkldnn;
+}
+
+// Whether the pointwise stage runs as a 1x1 convolution (at::convolution and its backward, as
+// eager runs it): by default where that is oneDNN; always when forced to the split path.
+bool pointwise_as_conv(int64_t N, int64_t C, int64_t O, int64_t P, at::ScalarType st) {
+  if (N * P == 0 || C == 0 || O == 0) return false;
+  const Path path = forced_path();
+  return path == Path::kSplit || (path == Path::kAuto && eager_pointwise_on_onednn(N, C, O, P, st));
+}
+
+// The pointwise gradients through eager's 1x1 convolution backward (oneDNN) where
+// pointwise_as_conv says so, else through BLAS (pointwise_backward_matmul).
+PointwiseGrads pointwise_backward_cpu(const at::Tensor& g, const at::Tensor& y,
+                                      const at::Tensor& w) {
+  if (!pointwise_as_conv(y.size(0), y.size(1), w.size(0), y.size(2) * y.size(3), y.scalar_type())) {
+    return pointwise_backward_matmul(g, y, w);
+  }
+  auto [gy, gw, gb] = at::convolution_backward(g, y, w, std::nullopt, {1, 1}, {0, 0}, {1, 1},
+                                               false, {0, 0}, 1, {true, true, false});
+  return {gy.contiguous(), gw.contiguous()};
+}
+
 constexpr DepthwiseKernels kCpuDepthwise{depthwise_forward, depthwise_backward_input,
-                                         depthwise_backward_weight};
+                                         depthwise_backward_weight, pointwise_backward_cpu,
+                                         depthwise_act_backward_cpu};
+
+// Which forward runs: the fused tile kernel (the depthwise tile feeds a BLAS GEMM in cache; the
+// [N, C, Ho, Wo] intermediate is never written) or the split one (the depthwise stage with its
+// affine + ReLU writes the intermediate once, and the pointwise stage runs as eager's 1x1
+// convolution, oneDNN), by split_pays.
+bool use_split_forward(int64_t N, int64_t C, int64_t O, int64_t P, at::ScalarType st) {
+  if (!pointwise_as_conv(N, C, O, P, st)) return false;
+  return forced_path() == Path::kSplit || split_pays(C, O);
+}
+
+at::Tensor split_forward(const at::Tensor& x, const at::Tensor& dw, const at::Tensor& pw,
+                         const at::Tensor& ds, const at::Tensor& dh, const at::Tensor& ps,
+                         const at::Tensor& ph, const SepConvGeometry& g, bool dw_relu,
+                         bool relu) {
+  const auto y = depthwise_act(x, dw, g, ds, dh, dw_relu);
+  const auto w = ps.defined() ? pw * ps.view({-1, 1, 1, 1}) : pw;
+  auto out = at::convolution(y, w, ph.defined() ? std::optional<at::Tensor>(ph) : std::nullopt,
+                             {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1);
+  if (relu) out.relu_();
+  return out.contiguous();
+}
 
 void check_cpu(const at::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu(), "x must be a CPU tensor for the cpu kernel, got ", x.device());
@@ -271,12 +421,15 @@ at::Tensor separable_conv2d_cpu(const at::Tensor& x, const at::Tensor& dw_weight
   check_cpu(x);
   // Below autograd: the at:: calls inside must not record a graph of their own.
   at::AutoDispatchBelowADInplaceOrView guard;
-  auto out = at::empty(shape, x.options());
-  if (out.numel() == 0) return out;
+  if (c10::multiply_integers(shape) == 0) return at::empty(shape, x.options());
   const auto st = x.scalar_type();
   const auto xc = x.contiguous(), dwc = dw_weight.contiguous(), pwc = pw_weight.contiguous();
   const auto ds = affine_param(dw_scale, st), dh = affine_param(dw_shift, st);
   const auto ps = affine_param(pw_scale, st), ph = affine_param(pw_shift, st);
+  if (use_split_forward(shape[0], x.size(1), shape[1], shape[2] * shape[3], st)) {
+    return split_forward(xc, dwc, pwc, ds, dh, ps, ph, g, dw_relu, relu);
+  }
+  auto out = at::empty(shape, x.options());
   AT_DISPATCH_FLOATING_TYPES(st, "separable_conv2d_cpu", [&] {
     fused_forward<scalar_t>(xc, dwc, pwc, ds, dh, ps, ph, out, g, dw_relu, relu);
   });
