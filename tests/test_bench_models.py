@@ -86,3 +86,18 @@ def test_model_cases_are_lazy_and_quick_is_one_small_row(monkeypatch):
     assert quick.params["H"] == quick.params["W"] == models.QUICK_SIZE < models.SIZE
     (unet,) = [c for c in cases if c.name == "unet"]
     assert unet.params["kwargs"]["padding"] == "valid" and unet.params["H"] == models.UNET_VALID_SIZE
+
+
+def test_swapped_smp_row_times_fuse_modules_against_the_original(tiny, monkeypatch, tmp_path):
+    """The peer after fastseg.nn.fuse_modules against the peer itself (a stub peer with an smp-style
+    separable conv: Sequential(Sequential(depthwise, pointwise), BatchNorm, ReLU))."""
+    def peer(_):
+        return nn.Sequential(nn.Sequential(nn.Conv2d(3, 3, 3, padding=2, dilation=2, groups=3, bias=False),
+                                           nn.Conv2d(3, 8, 1, bias=False)),
+                             nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, models.NUM_CLASSES, 1))
+
+    monkeypatch.setattr(models, "_peer_model", peer)
+    rc, rows = _run(tmp_path, "--cases", "smp_deeplabv3plus_swapped")
+    (row,) = rows
+    assert rc == 0 and row["status"] == "ok" and row["check"]["ok"], row
+    assert row["params"]["baseline"] == "smp.DeepLabV3Plus" and "fuse_modules" in row["params"]["layer"]

@@ -213,6 +213,20 @@ def test_a_block_that_is_the_whole_model_and_non_chains_left_alone():
         fuse_modules(lambda x: x)
 
 
+def test_hooked_modules_are_kept():
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.Conv2d(4, 6, 1), nn.BatchNorm2d(6),
+                          nn.ReLU()).eval()
+    seen = []
+    model[3].register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    fused, report = fuse_modules(model)
+    assert report.fused[0].replaced == ["0", "1", "2"] and type(fused[3]) is nn.ReLU
+    x = torch.randn(1, 4, 5, 5)
+    with torch.no_grad():
+        _assert_close(fused(x), model(x))
+    assert len(seen) == 2
+
+
 def test_report_string_lists_swaps():
     _, report = fuse_modules(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.Conv2d(4, 6, 1)))
     assert "1 module(s) fused" in str(report) and "4->6 3x3 d=1 s=1" in str(report)

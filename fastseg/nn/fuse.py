@@ -27,7 +27,9 @@ Only what gives the same function is swapped: zero padding equal to DeepLab's "s
 effective kernel, symmetric), square kernels, channel multiplier 1, plain ``nn.Conv2d`` (not
 ``Conv2dSame``-style dynamic padding), ``nn.ReLU`` (other activations end the chain) and BatchNorm2d
 (timm's ``BatchNormAct2d`` counts as BatchNorm + its activation when that is ReLU or Identity).
-Chains that look fusable but are not are listed in ``report.skipped`` with the reason.
+Modules with hooks are never folded away (timm's feature extraction hooks the ReLU ending a block: the
+chain then stops before it). Chains that look fusable but are not are listed in ``report.skipped``
+with the reason.
 
 Example::
 
@@ -92,7 +94,7 @@ class _Elem:
 
 
 def _is_bn(m: object) -> bool:
-    return isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm))
+    return isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)) and not _hooked(m)
 
 
 def _is_leaf(m: nn.Module) -> bool:
@@ -170,8 +172,15 @@ def _flatten(module: nn.Module) -> tuple[str, list[tuple[str, nn.Module | str]],
 
 # ----------------------------------------------------------------------------------------- matching
 
+def _hooked(m: nn.Module | str) -> bool:
+    """Hooks see a module's own inputs and outputs (timm's feature extraction hooks a ReLU): such a
+    module is never folded away."""
+    return isinstance(m, nn.Module) and bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                                             or m._backward_pre_hooks)
+
+
 def _relu_like(m: nn.Module | str) -> bool:
-    return m == _RELU or type(m) is nn.ReLU
+    return m == _RELU or (type(m) is nn.ReLU and not _hooked(m))
 
 
 def _bn_act(m: nn.Module) -> str | None:
@@ -205,13 +214,13 @@ def _dw_problem(conv: nn.Conv2d) -> str | None:
 
 
 def _is_depthwise(m: object) -> bool:
-    return type(m) is nn.Conv2d and m.groups == m.in_channels == m.out_channels > 1
+    return type(m) is nn.Conv2d and m.groups == m.in_channels == m.out_channels > 1 and not _hooked(m)
 
 
 def _is_pointwise(m: object, channels: int) -> bool:
     return (type(m) is nn.Conv2d and m.kernel_size == (1, 1) and m.stride == (1, 1)
             and m.padding in ((0, 0), "valid", "same") and m.groups == 1 and m.in_channels == channels
-            and m.padding_mode == "zeros")
+            and m.padding_mode == "zeros" and not _hooked(m))
 
 
 @dataclass
@@ -330,7 +339,7 @@ def _probe_equal(old: nn.Module, new: nn.Module, channels: int) -> bool:
 
 
 def _attention_swap(module: nn.Module) -> tuple[nn.Module, str] | None:
-    if isinstance(module, (PositionAttention, ChannelAttention)):
+    if isinstance(module, (PositionAttention, ChannelAttention)) or _hooked(module):
         return None
     gamma = getattr(module, "gamma", None)
     if not isinstance(gamma, nn.Parameter) or gamma.numel() != 1:
@@ -391,7 +400,10 @@ def _fuse_container(module: nn.Module, prefix: str, report: FuseReport) -> tuple
             ends = []  # the stops that end a unit (trailing Identities of that unit included)
             for stop, bn, relu in got.ends:
                 tail = last[elems[stop - 1].unit] + 1
-                if all(isinstance(elems[k].module, nn.Identity) for k in range(stop, tail)):
+                consumed = [units[u][1] for u in range(elems[i].unit, elems[stop - 1].unit + 1)]
+                if all(isinstance(elems[k].module, nn.Identity) and not _hooked(elems[k].module)
+                       for k in range(stop, tail)) and not any(
+                        _hooked(x) for u in consumed if not isinstance(u, str) for x in u.modules()):
                     ends.append((tail, bn, relu))
             if ends:
                 found.append((got, ends[-1]))  # the longest chain that ends where a unit ends
@@ -408,7 +420,8 @@ def _fuse_container(module: nn.Module, prefix: str, report: FuseReport) -> tuple
     def unit_range(m: _Match, end: tuple[int, nn.Module | None, bool]) -> range:
         return range(elems[m.start].unit, elems[end[0] - 1].unit + 1)
 
-    if how == "fx" and len(found) == 1 and list(unit_range(*found[0])) == list(range(len(units))):
+    if how == "fx" and len(found) == 1 and list(unit_range(*found[0])) == list(range(len(units))) \
+            and not _hooked(module):
         m, end = found[0]  # the whole forward is one chain: the fastseg module replaces the module itself
         replaced = [_qual(prefix, elems[k].path) for k in range(m.start, end[0])
                     if not isinstance(elems[k].module, (str, nn.Identity))]
