@@ -113,6 +113,16 @@ def prebuilt():
 class BuildExt(BuildExtension.with_options(use_ninja=True)):
     """torch's BuildExtension, or with FASTSEG_PREBUILT=1 a copy of the in-tree build."""
 
+    def run(self):
+        # the build info belongs to the build (not to `sdist` or `egg_info`): written here, and into
+        # build_lib too, since build_py has already copied the package's modules there
+        if PREBUILT is None:
+            write_build_info(WITH_CUDA)
+            if not self.inplace:
+                self.copy_file(os.path.join(ROOT, "fastseg", "_build_info.py"),
+                               os.path.join(self.build_lib, "fastseg", "_build_info.py"))
+        super().run()
+
     def build_extension(self, ext):
         if PREBUILT is None:
             return super().build_extension(ext)
@@ -126,7 +136,6 @@ VERSION = read_version()
 PREBUILT = prebuilt()
 if PREBUILT is None:
     WITH_CUDA = want_cuda()
-    write_build_info(WITH_CUDA)
 else:
     WITH_CUDA = "cuda" in PREBUILT[1]["compiled_backends"]
 
