@@ -19,7 +19,7 @@ DEPS_STAMP := $(VENV)/.fastseg-deps
 BUILD_STAMP := $(VENV)/.fastseg-build
 SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
 
-.PHONY: all venv build build-inplace test test-fast test-interpret cpp-test twin-test bench lint clean
+.PHONY: all venv build build-inplace test test-fast test-interpret cpp-test twin-test bench lint clean wheel wheel-cpu sdist wheel-test
 
 all: test
 
@@ -67,6 +67,27 @@ twin-test: $(TWIN)/.fastseg-deps
 	# The interpreter suite runs inside the compile check (it records the launches), which fails if it fails.
 	cd $(TWIN_SRC) && ../$(TWIN)/bin/python bench/triton_sm90_compile.py --json triton-sm90-compile.json
 
+# dist/fastseg-<version>-cp311-cp311-linux_x86_64.whl: fastseg._C (C++, and CUDA for setup.py's default
+# archs 8.0;9.0+PTX where a toolkit is present) + the Triton kernels; ninja's objects in ./build are reused.
+wheel: $(DEPS_STAMP)
+	rm -f dist/fastseg-*.whl
+	$(VPY) setup.py -q bdist_wheel
+
+wheel-cpu: $(DEPS_STAMP)
+	rm -f dist/fastseg-*.whl
+	FASTSEG_CUDA=0 $(VPY) setup.py -q bdist_wheel
+
+sdist: $(DEPS_STAMP)
+	rm -f dist/fastseg-*.tar.gz
+	$(VPY) setup.py -q sdist
+
+# CI: package the build `make build` made (no second compile), install it with pip --no-deps into a
+# temporary target and use it from outside the tree (tests/wheel_check.py); the twin's torch, when
+# present, must get the clear "built for torch ..." message.
+wheel-test: build
+	rm -rf dist/prebuilt && FASTSEG_PREBUILT=1 $(VPY) setup.py -q bdist_wheel -d dist/prebuilt
+	$(VPY) tests/wheel_check.py dist/prebuilt/fastseg-*.whl $(if $(wildcard $(TWIN)/bin/python),--other-python $(TWIN)/bin/python)
+
 cpp-test: $(DEPS_STAMP)
 	PYTHON=$(VPY) bash cpp_tests/run.sh
 
@@ -77,4 +98,4 @@ lint: $(DEPS_STAMP)
 	$(VENV)/bin/ruff check fastseg triton_kernels tests bench
 
 clean:
-	rm -rf build build-cmake fastseg/_C*.so fastseg/_build_info.py $(BUILD_STAMP) $(TWIN_SRC)
+	rm -rf build build-cmake dist fastseg/_C*.so fastseg/_build_info.py $(BUILD_STAMP) $(TWIN_SRC)

@@ -1,12 +1,19 @@
 """Build fastseg._C: C++ CPU kernels always, CUDA kernels when a toolkit and a CUDA torch exist.
 
 FASTSEG_CUDA=0|1 forces the CUDA part off/on; TORCH_CUDA_ARCH_LIST defaults to 8.0;9.0+PTX;
-MAX_JOBS is honoured by torch's ninja build.
+MAX_JOBS is honoured by torch's ninja build. FASTSEG_PREBUILT=1 packages the fastseg/_C*.so and
+fastseg/_build_info.py already built in the tree (by `make build` / `build_ext --inplace`) instead of
+compiling again: `make wheel-test` uses it so that CI does not compile twice.
+
+The wheel pins the torch it was built for (Requires-Dist: torch==<version>; the C++ ABI is
+torch-version specific) and carries fastseg/_build_info.py (torch, CUDA, archs, compiled backends),
+which `python -m fastseg.info` prints and which fastseg checks against the running torch on import.
 """
 
 import glob
 import os
 import re
+import runpy
 import shutil
 import subprocess
 
@@ -82,9 +89,55 @@ def write_build_info(with_cuda):
         f.write(f"BUILD_INFO = {info!r}\n")
 
 
-VERSION = "0.1.0"
-WITH_CUDA = want_cuda()
-write_build_info(WITH_CUDA)
+def read_version():
+    with open(os.path.join(ROOT, "fastseg", "_version.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
+def prebuilt():
+    """The in-tree fastseg/_C*.so to package as is (FASTSEG_PREBUILT=1), checked against the running torch."""
+    if os.environ.get("FASTSEG_PREBUILT") != "1":
+        return None
+    libs = glob.glob(os.path.join(ROOT, "fastseg", "_C*.so"))
+    info_path = os.path.join(ROOT, "fastseg", "_build_info.py")
+    if len(libs) != 1 or not os.path.exists(info_path):
+        raise RuntimeError(f"FASTSEG_PREBUILT=1 needs one built fastseg/_C*.so and fastseg/_build_info.py, "
+                           f"found {libs}")
+    info = runpy.run_path(info_path)["BUILD_INFO"]
+    if info.get("torch") != torch.__version__.split("+")[0] or info.get("version") != VERSION:
+        raise RuntimeError(f"FASTSEG_PREBUILT=1: the in-tree build is for fastseg {info.get('version')} / torch "
+                           f"{info.get('torch')}, this is fastseg {VERSION} / torch {torch.__version__}: rebuild it")
+    return libs[0], info
+
+
+class BuildExt(BuildExtension.with_options(use_ninja=True)):
+    """torch's BuildExtension, or with FASTSEG_PREBUILT=1 a copy of the in-tree build."""
+
+    def run(self):
+        # the build info belongs to the build (not to `sdist` or `egg_info`): written here, and into
+        # build_lib too, since build_py has already copied the package's modules there
+        if PREBUILT is None:
+            write_build_info(WITH_CUDA)
+            if not self.inplace:
+                self.copy_file(os.path.join(ROOT, "fastseg", "_build_info.py"),
+                               os.path.join(self.build_lib, "fastseg", "_build_info.py"))
+        super().run()
+
+    def build_extension(self, ext):
+        if PREBUILT is None:
+            return super().build_extension(ext)
+        target = self.get_ext_fullpath(ext.name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if os.path.abspath(PREBUILT[0]) != os.path.abspath(target):
+            shutil.copyfile(PREBUILT[0], target)
+
+
+VERSION = read_version()
+PREBUILT = prebuilt()
+if PREBUILT is None:
+    WITH_CUDA = want_cuda()
+else:
+    WITH_CUDA = "cuda" in PREBUILT[1]["compiled_backends"]
 
 sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/ops/cpu/*.cpp"))
 define_macros = [("FASTSEG_TORCH_VERSION", f'"{torch.__version__.split("+")[0]}"')]
@@ -110,7 +163,11 @@ setup(
     packages=find_packages(include=["fastseg", "fastseg.*"]) + ["fastseg.triton_kernels"],
     package_dir={"fastseg.triton_kernels": "triton_kernels"},
     ext_modules=[ext],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt},
+    install_requires=[f"torch=={torch.__version__.split('+')[0]}"],
+    description="Fused CUDA, Triton and C++ kernels and classic segmentation architectures for PyTorch",
+    long_description=open(os.path.join(ROOT, "README.md")).read(),
+    long_description_content_type="text/markdown",
     entry_points={"console_scripts": ["fastseg=fastseg.cli:main"]},
     python_requires=">=3.10",
 )

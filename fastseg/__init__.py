@@ -9,6 +9,5 @@ if _os.path.isdir(_src_triton) and not _os.path.isdir(_os.path.join(__path__[0],
     __path__.append(_os.path.dirname(_src_triton))
 
 from fastseg import ops  # noqa: E402
-
-__version__ = "0.1.0"
+from fastseg._version import __version__  # noqa: E402
 __all__ = ["ops", "__version__"]

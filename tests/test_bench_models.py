@@ -99,6 +99,8 @@ def test_espnet_rows_run_at_their_own_size(monkeypatch, tmp_path):
     assert rc == 0
     (row,) = rows
     assert row["status"] == "ok" and row["check"]["ok"] and (row["params"]["H"], row["params"]["W"]) == (16, 24)
+
+
 def test_instance_model_rows_run_on_calibrated_candidates(tiny, monkeypatch, tmp_path, one_thread):
     """SOLO / SOLOv2 rows (images in a list, per-image dicts out) on narrow ResNet-18 models at 64x96: the
     calibration gives candidates, so the whole inference path runs and the kept scores are checked."""
@@ -117,3 +119,18 @@ def test_instance_model_rows_run_on_calibrated_candidates(tiny, monkeypatch, tmp
     model = models._model_inputs(models._ModelRow("solov2", "solov2", {}, 64, width=96, instance=True), 1)(
         torch.device("cpu"), torch.float32)
     assert model["model"](model["x"]).numel() > 0
+
+
+def test_swapped_smp_row_times_fuse_modules_against_the_original(tiny, monkeypatch, tmp_path):
+    """The peer after fastseg.nn.fuse_modules against the peer itself (a stub peer with an smp-style
+    separable conv: Sequential(Sequential(depthwise, pointwise), BatchNorm, ReLU))."""
+    def peer(_):
+        return nn.Sequential(nn.Sequential(nn.Conv2d(3, 3, 3, padding=2, dilation=2, groups=3, bias=False),
+                                           nn.Conv2d(3, 8, 1, bias=False)),
+                             nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, models.NUM_CLASSES, 1))
+
+    monkeypatch.setattr(models, "_peer_model", peer)
+    rc, rows = _run(tmp_path, "--cases", "smp_deeplabv3plus_swapped")
+    (row,) = rows
+    assert rc == 0 and row["status"] == "ok" and row["check"]["ok"], row
+    assert row["params"]["baseline"] == "smp.DeepLabV3Plus" and "fuse_modules" in row["params"]["layer"]

@@ -84,6 +84,7 @@ class _ModelRow:
     quick: bool = False
     width: int | None = None  # input width when not square (size is then the height)
     instance: bool = False  # a list-of-images model returning per-image dicts
+    swap: bool = False  # "fused" is the peer after fastseg.nn.fuse_modules (not our model)
 
 
 def _rows() -> list[_ModelRow]:
@@ -135,6 +136,11 @@ def _rows() -> list[_ModelRow]:
                   _Peer("Unet", {"encoder_name": "vgg13"},
                         "smp has no plain U-Net encoder: VGG-13 is the closest to U-Net's contracting path (two "
                         "3x3 convs a stage, no BatchNorm); smp's decoder (BatchNorm, 256..16 channels)")),
+        _ModelRow("smp_deeplabv3plus_swapped_vs_smp", "smp", {}, PEER_SIZE, note,
+                  _Peer("DeepLabV3Plus", {"encoder_name": "tu-xception65", "encoder_output_stride": 16,
+                                          "decoder_atrous_rates": (6, 12, 18)},
+                        "the same smp model after fastseg.nn.fuse_modules (its separable convs, timm's Xception "
+                        "blocks included, become fastseg SeparableConv2d with the same weights)"), swap=True),
         _ModelRow(f"deeplabv3plus_w{QUICK_WIDTH:g}_{QUICK_SIZE}", "deeplabv3plus", {"width_multiplier": QUICK_WIDTH},
                   QUICK_SIZE, f"{QUICK_SIZE}x{QUICK_SIZE}, every channel count x{QUICK_WIDTH:g}: the small --quick row",
                   quick=True),
@@ -156,6 +162,10 @@ class _Weights:
 
     def __init__(self, model: nn.Module) -> None:
         self._by_dtype = {torch.float32: model}
+
+    @property
+    def float32(self) -> nn.Module:
+        return self._by_dtype[torch.float32]
 
     def __call__(self, x: Tensor) -> Tensor:
         if x.dtype not in self._by_dtype:
@@ -261,13 +271,16 @@ def _model_inputs(row: _ModelRow, batch: int) -> Callable[[torch.device, torch.d
         x = torch.randn(n, 3, row.size, w, generator=g)
         calibration = torch.randn(2, 3, row.size, w, generator=g)
         kwargs = {"num_classes": NUM_CLASSES, **row.kwargs}
-        inputs: Inputs = {
-            "x": x.to(device=device, dtype=dtype),
-            "model": _build(lambda: create_model(row.model, **kwargs), calibration, device),
-        }
+        inputs: Inputs = {"x": x.to(device=device, dtype=dtype)}
+        if not row.swap:
+            inputs["model"] = _build(lambda: create_model(row.model, **kwargs), calibration, device)
         if row.peer is not None:
             peer = row.peer
             inputs["peer"] = _build(lambda: _peer_model(peer), calibration, device)
+        if row.swap:
+            from fastseg.nn import fuse_modules
+
+            inputs["model"] = _Weights(fuse_modules(inputs["peer"].float32)[0])
         return inputs
     return make
 
@@ -288,8 +301,9 @@ def _smp(inputs: Inputs) -> Tensor:
 
 def _model_case(row: _ModelRow, batch: int) -> Case:
     s, w = row.size, row.width or row.size
+    layer = f"smp.{row.peer.cls} swapped by fuse_modules" if row.swap and row.peer else row.model
     params: dict[str, Any] = {
-        "layer": f"{row.model} end to end, inference (eval)", "model": row.model, "kwargs": dict(row.kwargs),
+        "layer": f"{layer} end to end, inference (eval)", "model": row.model, "kwargs": dict(row.kwargs),
         "N": batch, "N_cuda": CUDA_BATCH * batch, "H": s, "W": w, "input": row.note or f"{s}x{w}",
         "shape": f"{batch}x3x{s}x{w} (CUDA: {CUDA_BATCH * batch}x3x{s}x{w})",
         "classes": INSTANCE_CLASSES if row.instance else row.kwargs.get("num_classes", NUM_CLASSES),
@@ -396,8 +410,9 @@ def _aunet_case(batch: int) -> Case:
 
 @register_op("models", backends=lambda device: ["fused"])
 def model_cases(batch: int = 1, quick: bool = False) -> list[Case]:
-    """Every semantic model of ``fastseg.models.list_models()`` at 513x513 (U-Net valid: 508x508), four rows
-    against segmentation-models-pytorch peers at 512x512, a small DeepLab v3+ at 97x97 (``quick``), and
-    AUNet-R50 at 800x1216 with its RoIAlign/RoIUpsample/attention time shares; built lazily."""
+    """Every model of ``fastseg.models.list_models()`` at 513x513 (U-Net valid: 508x508; ESPNet, DANet and the
+    instance models at their own sizes), four rows against segmentation-models-pytorch peers at 512x512, smp's
+    DeepLabV3Plus after ``fastseg.nn.fuse_modules`` against itself, a small DeepLab v3+ at 97x97 (``quick``),
+    and AUNet-R50 at 800x1216 with its RoIAlign/RoIUpsample/attention time shares; built lazily."""
     own = [_aunet_case(batch)] if "aunet" in list_models() else []
     return [_model_case(row, batch) for row in _rows()] + own

@@ -5,6 +5,7 @@ from fastseg.nn.blocks import ConvGNReLU, add_coords, conv_gn_stack, coord_chann
 from fastseg.nn.conv import SeparableConv2d
 from fastseg.nn.crf import DenseCRF
 from fastseg.nn.esp import ESPModule
+from fastseg.nn.fuse import FuseReport, fuse_modules
 from fastseg.nn.heads import ASPP, ASPPL, AuxHead, DeepLabV3PlusDecoder, PyramidPooling
 from fastseg.nn.roi import MultiScaleRoIAlign, RoIAlign, RoIUpsample
 
@@ -17,8 +18,9 @@ __all__ = [
     "DANetHead",
     "DeepLabV3PlusDecoder",
     "DenseCRF",
-    "MultiScaleRoIAlign",
     "ESPModule",
+    "FuseReport",
+    "MultiScaleRoIAlign",
     "PositionAttention",
     "PyramidPooling",
     "RoIAlign",
@@ -27,4 +29,5 @@ __all__ = [
     "add_coords",
     "conv_gn_stack",
     "coord_channels",
+    "fuse_modules",
 ]

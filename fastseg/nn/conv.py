@@ -12,12 +12,13 @@ from fastseg.ops._reference import fixed_padding
 __all__ = ["SeparableConv2d"]
 
 
-def _fold(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
-    """A BatchNorm in eval mode as a per-channel (scale, shift)."""
+def _fold(bn: nn.BatchNorm2d, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """A BatchNorm in eval mode, applied after a conv with ``bias``, as a per-channel (scale, shift)."""
     scale = torch.rsqrt(bn.running_var + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight
-    shift = -bn.running_mean * scale
+    mean = bn.running_mean if bias is None else bn.running_mean - bias
+    shift = -mean * scale
     if bn.bias is not None:
         shift = shift + bn.bias
     return scale, shift
@@ -68,12 +69,13 @@ class SeparableConv2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self._fusable():
-            dw_scale = dw_shift = pw_scale = None
-            pw_shift = self.pointwise.bias
+            # conv biases (present on modules swapped in by fastseg.nn.fuse_modules) fold into the shifts
+            dw_scale = pw_scale = None
+            dw_shift, pw_shift = self.depthwise.bias, self.pointwise.bias
             if self.bn_depth is not None:
-                dw_scale, dw_shift = _fold(self.bn_depth)
+                dw_scale, dw_shift = _fold(self.bn_depth, dw_shift)
             if self.bn_point is not None:
-                pw_scale, pw_shift = _fold(self.bn_point)
+                pw_scale, pw_shift = _fold(self.bn_point, pw_shift)
             return separable_conv2d(
                 x, self.depthwise.weight, self.pointwise.weight, stride=self.stride, padding="same",
                 dilation=self.dilation, dw_scale=dw_scale, dw_shift=dw_shift, dw_relu=self.relu_after_depthwise,
