@@ -86,3 +86,16 @@ def test_model_cases_are_lazy_and_quick_is_one_small_row(monkeypatch):
     assert quick.params["H"] == quick.params["W"] == models.QUICK_SIZE < models.SIZE
     (unet,) = [c for c in cases if c.name == "unet"]
     assert unet.params["kwargs"]["padding"] == "valid" and unet.params["H"] == models.UNET_VALID_SIZE
+
+
+def test_budgeted_run_takes_the_model_rows_at_a_quarter_of_the_pixels(monkeypatch):
+    """The default (budgeted) run keeps every model row, on a smaller input; --full keeps 513x513."""
+    monkeypatch.setattr(models, "create_model", lambda *a, **kw: pytest.fail("built while listing"))
+    cases = {c.name: c for c in get_cases("models")}
+    small = cases["deeplabv3plus"].budget_variant()
+    assert (small.name, small.params["H"]) == ("deeplabv3plus", models.BUDGET_SIZE)
+    assert "budgeted run" in small.params["input"] and small.budget_variant is None
+    assert cases["unet"].budget_variant().params["H"] == models.BUDGET_UNET_VALID_SIZE
+    assert cases["pspnet_vs_smp"].budget_variant().params["H"] == models.BUDGET_PEER_SIZE
+    assert (models.BUDGET_UNET_VALID_SIZE - 124) % 16 == 0  # a valid U-Net input
+    assert all(c.budget_variant is None for c in get_cases("models", quick=True))

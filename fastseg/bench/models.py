@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -30,7 +30,8 @@ from fastseg import ops
 from fastseg.bench.cases import Case, Inputs, SkipCase, register_op
 from fastseg.models import create_model, list_models
 
-__all__ = ["CUDA_BATCH", "PEER_SIZE", "QUICK_SIZE", "SIZE", "UNET_VALID_SIZE", "model_cases"]
+__all__ = ["BUDGET_PEER_SIZE", "BUDGET_SIZE", "BUDGET_UNET_VALID_SIZE", "CUDA_BATCH", "PEER_SIZE", "QUICK_SIZE", "SIZE",
+           "UNET_VALID_SIZE", "model_cases"]
 
 NUM_CLASSES = 21  # PASCAL VOC
 SIZE = 513  # DeepLab's evaluation crop
@@ -39,6 +40,11 @@ QUICK_SIZE = 97
 QUICK_WIDTH = 0.25  # DeepLab v3+ (Xception-65) with a quarter of the channels: 2.7 M parameters
 CUDA_BATCH = 8
 UNET_VALID_SIZE = 508  # the valid U-Net input (16k + 124) nearest 513; its output is 184 px smaller
+# The budgeted (default CPU) run: whole models at a quarter of the pixels (a 513x513 row's fp64 check and
+# single timed calls alone take minutes on two cores); ``--full``: the sizes above.
+BUDGET_SIZE = 257
+BUDGET_PEER_SIZE = 256
+BUDGET_UNET_VALID_SIZE = 252
 _REFERENCE = "_reference backend (same model and weights)"
 _WEIGHTS = "seeded random init; BatchNorm statistics from one train-mode pass over 2 random images"
 
@@ -191,7 +197,20 @@ def _smp(inputs: Inputs) -> Tensor:
     return inputs["peer"](inputs["x"])
 
 
+def _budget_row(row: _ModelRow) -> _ModelRow | None:
+    """``row`` at the budgeted run's size (None: already small)."""
+    size = {SIZE: BUDGET_SIZE, PEER_SIZE: BUDGET_PEER_SIZE, UNET_VALID_SIZE: BUDGET_UNET_VALID_SIZE}.get(row.size)
+    if size is None or size >= row.size:
+        return None
+    note = (row.note or f"{row.size}x{row.size}").replace(str(row.size), str(size))
+    if row.model == "unet" and row.kwargs.get("padding") == "valid":
+        note = f"padding='valid' at {size}x{size} ({size - 184}x{size - 184} out)"
+    return replace(row, size=size, note=f"{note}; budgeted run ({row.size}x{row.size} with --full)")
+
+
 def _model_case(row: _ModelRow, batch: int) -> Case:
+    small = _budget_row(row)
+    variant = None if small is None else (lambda: _model_case(small, batch))
     s = row.size
     params: dict[str, Any] = {
         "layer": f"{row.model} end to end, inference (eval)", "model": row.model, "kwargs": dict(row.kwargs),
@@ -203,12 +222,13 @@ def _model_case(row: _ModelRow, batch: int) -> Case:
     timing: dict[str, Any] = {"rounds": 1, "min_reps": 3, "warmup": 0}
     make = _model_inputs(row, batch)
     if row.peer is None:
-        return Case("models", row.name, "fwd", params, make, _unfused, _fused, quick=row.quick, **timing)
+        return Case("models", row.name, "fwd", params, make, _unfused, _fused, quick=row.quick,
+                    budget_variant=variant, **timing)
     kwargs = ", ".join(f"{k}={v!r}" for k, v in row.peer.kwargs.items())
     params.update(baseline=f"smp.{row.peer.cls}",
                   peer=f"smp.{row.peer.cls}({kwargs}, encoder_weights=None): {row.peer.note}")
     return Case("models", row.name, "fwd", params, make, _smp, _fused, quick=row.quick, check_against=_unfused,
-                **timing)
+                budget_variant=variant, **timing)
 
 
 @register_op("models", backends=lambda device: ["fused"])
