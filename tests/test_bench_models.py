@@ -88,7 +88,7 @@ def test_model_cases_are_lazy_and_quick_is_one_small_row(monkeypatch):
     assert unet.params["kwargs"]["padding"] == "valid" and unet.params["H"] == models.UNET_VALID_SIZE
 
 
-def test_budgeted_run_takes_the_model_rows_at_a_quarter_of_the_pixels(monkeypatch):
+def test_budgeted_run_takes_the_model_rows_on_a_smaller_input(monkeypatch):
     """The default (budgeted) run keeps every model row, on a smaller input; --full keeps 513x513."""
     monkeypatch.setattr(models, "create_model", lambda *a, **kw: pytest.fail("built while listing"))
     cases = {c.name: c for c in get_cases("models")}

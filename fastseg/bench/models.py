@@ -7,7 +7,8 @@ DeepLabV3Plus / PSPNet / Unet (``encoder_weights=None``) as peer baselines in ro
 - Input: RGB (U-Net too: ``in_channels=3``), 513x513, batch ``batch`` on CPU and ``CUDA_BATCH`` x ``batch``
   on CUDA; U-Net in valid mode at 508x508 (the valid size nearest 513; 324x324 out); the peer rows at
   512x512 (smp needs sides divisible by its output stride). ``--quick``: a quarter-width DeepLab v3+ at
-  97x97 only.
+  97x97 only. The budgeted (default CPU) run takes every row on a smaller input (193x193, U-Net valid
+  204x204, peers 192x192: the case's ``budget_variant``); ``--full`` at the sizes above.
 - Weights: seeded random init; BatchNorm statistics from one train-mode pass over two random images, so
   that activations have a trained network's scale (raw init overflows fp16 in a ResNet-101).
 - Correctness: the fused output against the reference backend's, and the oracle is the reference backend
@@ -40,11 +41,12 @@ QUICK_SIZE = 97
 QUICK_WIDTH = 0.25  # DeepLab v3+ (Xception-65) with a quarter of the channels: 2.7 M parameters
 CUDA_BATCH = 8
 UNET_VALID_SIZE = 508  # the valid U-Net input (16k + 124) nearest 513; its output is 184 px smaller
-# The budgeted (default CPU) run: whole models at a quarter of the pixels (a 513x513 row's fp64 check and
-# single timed calls alone take minutes on two cores); ``--full``: the sizes above.
-BUDGET_SIZE = 257
-BUDGET_PEER_SIZE = 256
-BUDGET_UNET_VALID_SIZE = 252
+# The budgeted (default CPU) run: whole models at about a seventh of the pixels (on two cores a 513x513
+# row's float64 check, single timed calls and memory call alone take one to two minutes, over a dozen
+# rows); ``--full``: the sizes above.
+BUDGET_SIZE = 193  # 12 x 16 + 1, like 513 = 32 x 16 + 1
+BUDGET_PEER_SIZE = 192  # divisible by smp's output strides
+BUDGET_UNET_VALID_SIZE = 204  # a valid U-Net input (16k + 124), 20x20 out
 _REFERENCE = "_reference backend (same model and weights)"
 _WEIGHTS = "seeded random init; BatchNorm statistics from one train-mode pass over 2 random images"
 

@@ -38,6 +38,20 @@ def _limits(values: Sequence[float]) -> tuple[float, float]:
     return min(vals) / 1.6, max(vals) * 2.2
 
 
+def _log_axis(ax: Any, values: Sequence[float], label: str) -> None:
+    """Log x axis around ``values`` and 1 with ticks at 1, 2, 5 x 10^k written plainly, the 1x line marked."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    ax.set_xlim(*_limits(values))
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.axvline(1.0, color="black", linewidth=1)
+    ax.set_xlabel(label)
+    ax.grid(axis="x", which="major", alpha=0.3)
+
+
 def _bars(ax: Any, ys: Sequence[float], values: Sequence[float | None], height: float, colour: str, worse: str,
           hatch: str, lower_is_better: bool) -> None:
     """Bars from 1 to each value (log x): the losing side in ``worse``."""
@@ -84,13 +98,8 @@ def _family_figure(plt: Any, rows: list[dict[str, Any]], title: str, path: Path)
             once = ONCE_MARK if r["ref_once"] or r["once"] else ""
             ax_s.annotate(f"{v:.2f}×{once}", (v, y), xytext=(3 if v >= 1 else -3, 0), textcoords="offset points",
                           ha="left" if v >= 1 else "right", va="center", fontsize=7)
-    for ax, vals, label in ((ax_s, speed_all, "speed-up over eager PyTorch (×, log)"),
-                            (ax_m, mem_all, "peak memory / eager's (log; orange: more)")):
-        ax.set_xscale("log")
-        ax.set_xlim(*_limits(vals))
-        ax.axvline(1.0, color="black", linewidth=1)
-        ax.set_xlabel(label)
-        ax.grid(axis="x", which="major", alpha=0.3)
+    _log_axis(ax_s, speed_all, "speed-up over eager PyTorch (log)")
+    _log_axis(ax_m, mem_all, "peak memory / eager's (log; orange: more)")
     ax_s.set_yticks(range(len(groups)))
     ax_s.set_yticklabels(groups, fontsize=8)
     ax_s.set_ylim(len(groups) - 0.5, -0.5)  # first case on top
@@ -129,15 +138,10 @@ def _summary_figure(plt: Any, rows: list[dict[str, Any]], title: str, path: Path
             ax.plot([worst], [y], marker="D", color=_SLOWER if worst < 1 else "black", markersize=5)
             ax.annotate(f"{g:.2f}× (worst {worst:.2f}×, {len(sp)} cases)", (max(g, worst, 1.0), y), xytext=(4, 0),
                         textcoords="offset points", va="center", fontsize=7)
-    ax.set_xscale("log")
-    lo, hi = _limits(vals)
-    ax.set_xlim(lo, hi * 4)
-    ax.axvline(1.0, color="black", linewidth=1)
-    ax.set_xlabel("speed-up over eager PyTorch (×, log)")
+    _log_axis(ax, vals + [max(vals, default=1.0) * 4], "speed-up over eager PyTorch (log)")
     ax.set_yticks(range(len(ops)))
     ax.set_yticklabels(ops, fontsize=9)
     ax.set_ylim(len(ops) - 0.5, -0.5)
-    ax.grid(axis="x", alpha=0.3)
     ax.legend(handles=handles, fontsize=7, loc="lower right")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
