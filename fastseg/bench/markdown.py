@@ -187,16 +187,17 @@ def report(res: dict[str, Any]) -> str:
 
 
 def compare(a: dict[str, Any], b: dict[str, Any], names: tuple[str, str] = ("A", "B")) -> str:
-    """Per-case ratios between two runs (before / after a change, CPU / GPU): cases of the same op, name and
-    dtype are paired, backend by backend where both runs have it, else each run's fastest backend."""
+    """Per-case ratios between two runs (before / after a change, CPU / GPU): cases of the same op, name,
+    dtype and shape are paired, backend by backend where both runs have it, else each run's fastest backend."""
     def best(rows: list[dict[str, Any]]) -> dict[str, Any]:
         return min(rows, key=lambda r: r["ms"])
 
-    def index(res: dict[str, Any]) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
-        out: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    def index(res: dict[str, Any]) -> dict[tuple[str, ...], list[dict[str, Any]]]:
+        # The shape is part of the key: a budgeted run's model rows (smaller input) never pair with --full's.
+        out: dict[tuple[str, ...], list[dict[str, Any]]] = {}
         for r in res["results"]:
             if r["status"] == "ok" and r["ms"]:
-                out.setdefault((r["op"], r["case"], r["dtype"]), []).append(r)
+                out.setdefault((r["op"], r["case"], r["dtype"], str(r["params"].get("shape", ""))), []).append(r)
         return out
 
     ia, ib = index(a), index(b)
