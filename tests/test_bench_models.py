@@ -99,3 +99,20 @@ def test_budgeted_run_takes_the_model_rows_on_a_smaller_input(monkeypatch):
     assert cases["pspnet_vs_smp"].budget_variant().params["H"] == models.BUDGET_PEER_SIZE
     assert (models.BUDGET_UNET_VALID_SIZE - 124) % 16 == 0  # a valid U-Net input
     assert all(c.budget_variant is None for c in get_cases("models", quick=True))
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_the_run_picks_the_budget_variant_unless_full(monkeypatch, tmp_path, full):
+    sizes = []
+
+    def record(case, *args):
+        sizes.append(case.params["H"])
+        return []
+
+    monkeypatch.setattr(cli, "_bench_case", record)
+    monkeypatch.setattr(cli, "memory_probe", lambda device: {"ok": True})
+    argv = ["--device", "cpu", "--ops", "models", "--cases", "deeplabv3plus", "--no-plot", "--out", str(tmp_path)]
+    assert cli.main(argv + (["--full"] if full else [])) == 0
+    expected = {models.SIZE, models.PEER_SIZE, models.QUICK_SIZE} if full else {
+        models.BUDGET_SIZE, models.BUDGET_PEER_SIZE, models.QUICK_SIZE}
+    assert set(sizes) == expected
