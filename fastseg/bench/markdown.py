@@ -265,8 +265,9 @@ def report_main(argv: Sequence[str]) -> int:
     if len(args.files) not in (1, 2):
         p.error("give one results JSON (its tables) or two (per-case ratios)")
     res = [load_results(f) for f in args.files]
-    text = report(res[0]) if len(res) == 1 else compare(res[0], res[1], (Path(args.files[0]).stem,
-                                                                          Path(args.files[1]).stem))
+    stems = tuple(Path(f).stem for f in args.files)
+    names = stems if len(set(stems)) == len(stems) else ("A", "B")  # same file names: A (first) and B
+    text = report(res[0]) if len(res) == 1 else compare(res[0], res[1], names)
     if args.out:
         Path(args.out).write_text(text)
     else:
