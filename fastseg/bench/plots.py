@@ -88,6 +88,10 @@ def _family_figure(plt: Any, rows: list[dict[str, Any]], title: str, path: Path)
         colour, hatch = _COLOURS[j % len(_COLOURS)], _HATCHES[j % len(_HATCHES)]
         _bars(ax_s, ys, speed, height, colour, _SLOWER, hatch, lower_is_better=False)
         _bars(ax_m, ys, mem, height, colour, _MORE_MEMORY, hatch, lower_is_better=True)
+        for y, v in zip(ys, mem, strict=True):  # the ratio written at the bar's end (an equal peak has no bar)
+            if v:
+                ax_m.annotate(f"{v:.2g}×", (v, y), xytext=(3 if v >= 1 else -3, 0), textcoords="offset points",
+                              ha="left" if v >= 1 else "right", va="center", fontsize=7)
         for y, r, v in zip(ys, rs, speed, strict=True):
             if r is None:
                 continue
