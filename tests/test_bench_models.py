@@ -116,3 +116,12 @@ def test_the_run_picks_the_budget_variant_unless_full(monkeypatch, tmp_path, ful
     expected = {models.SIZE, models.PEER_SIZE, models.QUICK_SIZE} if full else {
         models.BUDGET_SIZE, models.BUDGET_PEER_SIZE, models.QUICK_SIZE}
     assert set(sizes) == expected
+
+
+def test_budget_size_of_any_other_row_keeps_its_remainder_modulo_32():
+    """A row another module adds at its own size gets a smaller input too, of the same form."""
+    for size in (800, 769, 1024, 321):
+        small = models.budget_size(size)
+        assert small < size and small % 32 == size % 32 and abs(small - size * models.BUDGET_SIZE / models.SIZE) <= 16
+    assert models.budget_size(models.QUICK_SIZE) == models.QUICK_SIZE
+    assert models.budget_size(models.SIZE) == models.BUDGET_SIZE

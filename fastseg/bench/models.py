@@ -20,6 +20,7 @@ DeepLabV3Plus / PSPNet / Unet (``encoder_weights=None``) as peer baselines in ro
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -32,7 +33,7 @@ from fastseg.bench.cases import Case, Inputs, SkipCase, register_op
 from fastseg.models import create_model, list_models
 
 __all__ = ["BUDGET_PEER_SIZE", "BUDGET_SIZE", "BUDGET_UNET_VALID_SIZE", "CUDA_BATCH", "PEER_SIZE", "QUICK_SIZE", "SIZE",
-           "UNET_VALID_SIZE", "model_cases"]
+           "UNET_VALID_SIZE", "budget_size", "model_cases"]
 
 NUM_CLASSES = 21  # PASCAL VOC
 SIZE = 513  # DeepLab's evaluation crop
@@ -199,10 +200,26 @@ def _smp(inputs: Inputs) -> Tensor:
     return inputs["peer"](inputs["x"])
 
 
+def budget_size(size: int) -> int:
+    """The budgeted run's input side for a row at ``size``: the table above for the known sizes; any other
+    side above ``BUDGET_SIZE`` scaled by ``BUDGET_SIZE / SIZE`` to the nearest value with the same remainder
+    modulo 32 (a side of the form 16k + c, or divisible by an output stride up to 32, stays so)."""
+    known = {SIZE: BUDGET_SIZE, PEER_SIZE: BUDGET_PEER_SIZE, UNET_VALID_SIZE: BUDGET_UNET_VALID_SIZE}
+    if size in known:
+        return min(known[size], size)
+    if size <= BUDGET_SIZE:  # small already (the --quick row)
+        return size
+    target = size * BUDGET_SIZE / SIZE
+    r = size % 32
+    below = r + 32 * math.floor((target - r) / 32)
+    best = min((below, below + 32), key=lambda v: abs(v - target))
+    return best if 0 < best < size else size
+
+
 def _budget_row(row: _ModelRow) -> _ModelRow | None:
     """``row`` at the budgeted run's size (None: already small)."""
-    size = {SIZE: BUDGET_SIZE, PEER_SIZE: BUDGET_PEER_SIZE, UNET_VALID_SIZE: BUDGET_UNET_VALID_SIZE}.get(row.size)
-    if size is None or size >= row.size:
+    size = budget_size(row.size)
+    if size >= row.size:
         return None
     note = (row.note or f"{row.size}x{row.size}").replace(str(row.size), str(size))
     if row.model == "unet" and row.kwargs.get("padding") == "valid":
