@@ -23,7 +23,7 @@ from fastseg.bench.cases import (DEFAULT_DTYPES, DTYPES, OPS, Case, Outputs, Ski
 from fastseg.bench.correctness import ATOL, cast_inputs, check_backend
 from fastseg.bench.machine import loadavg, machine_info, measure_ceilings
 from fastseg.bench.memory import memory_probe, peak_memory_bytes
-from fastseg.bench.markdown import load_results
+from fastseg.bench.markdown import load_results, report_main
 from fastseg.bench.plots import plot_results
 from fastseg.bench.progress import Progress
 from fastseg.bench.report import Row, table, write_csv, write_json
@@ -255,13 +255,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["report"]:
-        from fastseg.bench.markdown import report_main
-
         return report_main(argv[1:])
     args = _parse_args(argv)
     started = time.monotonic()
+    shown: list[Progress] = []  # the progress line, once there is one
 
     def log(msg: str) -> None:
+        if shown:
+            shown[0].close()  # a terminal's in-place progress line is redrawn after the next case
         print(msg, file=sys.stderr, flush=True)
 
     dev_name = args.device
@@ -324,6 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cases = [c.budget_variant() if c.budget_variant else c for c in cases]
             plan.append((op, [(case, dtype) for case in cases for dtype in dtypes]))
         progress = Progress([op for op, todo in plan for _ in todo], args.case_seconds if budgeted else None)
+        shown.append(progress)
         print(f"{progress.total} cases; " + (f"{args.case_seconds:g} s of timing per case (--full: no limit)"
                                              if budgeted else "the full timing of every case"), flush=True)
         for i, (op, todo) in enumerate(plan):
