@@ -19,7 +19,8 @@ DEPS_STAMP := $(VENV)/.fastseg-deps
 BUILD_STAMP := $(VENV)/.fastseg-build
 SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
 
-.PHONY: all venv build build-inplace test test-fast test-interpret cpp-test twin-test bench lint clean wheel wheel-cpu sdist wheel-test
+.PHONY: all venv build build-inplace test test-fast test-interpret cpp-test twin-test bench bench-full lint clean wheel wheel-cpu \
+        sdist wheel-test
 
 all: test
 
@@ -93,6 +94,10 @@ cpp-test: $(DEPS_STAMP)
 
 bench: build
 	$(VPY) -m fastseg.bench
+
+# every case timed exhaustively (rounds, samples as asked; models at 513x513): tens of minutes on a CPU
+bench-full: build
+	$(VPY) -m fastseg.bench --full
 
 lint: $(DEPS_STAMP)
 	$(VENV)/bin/ruff check fastseg triton_kernels tests bench

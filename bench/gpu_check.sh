@@ -6,8 +6,10 @@
 #
 #   bash bench/gpu_check.sh                 # or: OUT=/some/dir bash bench/gpu_check.sh
 #
-# Files left in $OUT (8, flat): summary.txt, build.log, pytest-gpu.log, pytest-gpu.xml, bench.log,
-# cuda-<ops>.json, cuda-<ops>.csv, cuda-<ops>.png (the plot only if matplotlib is installed).
+# Files left in $OUT (flat): summary.txt, build.log, pytest-gpu.log, pytest-gpu.xml, bench.log,
+# cuda-<ops>.json, cuda-<ops>.csv, cuda-<ops>-<family>.png per op family and cuda-<ops>-summary.png (the
+# figures only if matplotlib is installed). Commit the JSON under bench/results/ and add a README block
+# for it (`python -m fastseg.bench report --update-readme README.md` fills it in).
 set -u  # no -e: a failing step must not stop the next ones
 cd "$(dirname "$0")/.." || exit 1
 OUT="${OUT:-./gpu-results}"
@@ -130,7 +132,7 @@ else
 fi
 
 # 3. The CUDA benchmarks (correctness check of every backend first). --time-limit makes the harness
-#    stop starting new cases in time to write its JSON/CSV/PNG; SIGTERM from timeout does the same.
+#    stop starting new cases in time to write its JSON/CSV/figures; SIGTERM from timeout does the same.
 lim=$(limit 240 15)
 if [ "$lim" -gt 30 ]; then
   note "-- python -m fastseg.bench --device cuda --out $OUT (limit ${lim}s)"

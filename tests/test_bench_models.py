@@ -134,3 +134,42 @@ def test_swapped_smp_row_times_fuse_modules_against_the_original(tiny, monkeypat
     (row,) = rows
     assert rc == 0 and row["status"] == "ok" and row["check"]["ok"], row
     assert row["params"]["baseline"] == "smp.DeepLabV3Plus" and "fuse_modules" in row["params"]["layer"]
+
+
+def test_budgeted_run_takes_the_model_rows_on_a_smaller_input(monkeypatch):
+    """The default (budgeted) run keeps every model row, on a smaller input; --full keeps 513x513."""
+    monkeypatch.setattr(models, "create_model", lambda *a, **kw: pytest.fail("built while listing"))
+    cases = {c.name: c for c in get_cases("models")}
+    small = cases["deeplabv3plus"].budget_variant()
+    assert (small.name, small.params["H"]) == ("deeplabv3plus", models.BUDGET_SIZE)
+    assert "budgeted run" in small.params["input"] and small.budget_variant is None
+    assert cases["unet"].budget_variant().params["H"] == models.BUDGET_UNET_VALID_SIZE
+    assert cases["pspnet_vs_smp"].budget_variant().params["H"] == models.BUDGET_PEER_SIZE
+    assert (models.BUDGET_UNET_VALID_SIZE - 124) % 16 == 0  # a valid U-Net input
+    assert all(c.budget_variant is None for c in get_cases("models", quick=True))
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_the_run_picks_the_budget_variant_unless_full(monkeypatch, tmp_path, full):
+    sizes = []
+
+    def record(case, *args):
+        sizes.append(case.params["H"])
+        return []
+
+    monkeypatch.setattr(cli, "_bench_case", record)
+    monkeypatch.setattr(cli, "memory_probe", lambda device: {"ok": True})
+    argv = ["--device", "cpu", "--ops", "models", "--cases", "deeplabv3plus", "--no-plot", "--out", str(tmp_path)]
+    assert cli.main(argv + (["--full"] if full else [])) == 0
+    expected = {models.SIZE, models.PEER_SIZE, models.QUICK_SIZE} if full else {
+        models.BUDGET_SIZE, models.BUDGET_PEER_SIZE, models.QUICK_SIZE}
+    assert set(sizes) == expected
+
+
+def test_budget_size_of_any_other_row_keeps_its_remainder_modulo_32():
+    """A row another module adds at its own size gets a smaller input too, of the same form."""
+    for size in (800, 769, 1024, 321):
+        small = models.budget_size(size)
+        assert small < size and small % 32 == size % 32 and abs(small - size * models.BUDGET_SIZE / models.SIZE) <= 16
+    assert models.budget_size(models.QUICK_SIZE) == models.QUICK_SIZE
+    assert models.budget_size(models.SIZE) == models.BUDGET_SIZE

@@ -13,10 +13,14 @@ For each case (a shape taken from a real architecture) and dtype, and each usabl
 2. **timing**: warm-up, then the median and interquartile range of repeated runs. CPU:
    ``time.perf_counter`` with the number of repetitions fitted to a time budget per measurement
    (``--budget``, 0.5 s by default), baseline and backends alternating in ``--rounds`` rounds so that
-   a shared machine's load hits them alike. GPU: ``triton.testing.do_bench`` (L2 flushed before each
-   run; 0.2 s per measurement), or CUDA events when Triton is absent. Speed-up = baseline time /
-   backend time, both from the same run. On a busy CPU (load average printed and stored) the eager
-   baseline, made of many small parallel ops, suffers most: measure on an idle machine;
+   a shared machine's load hits them alike. That is the ``--full`` run; by default (CPU) each case gets
+   ``--case-seconds`` of timing (:mod:`fastseg.bench.budget`): slow functions get fewer rounds and
+   samples, the slowest a single timed call (marked ``ref_once`` / ``once`` and ``¹`` in the tables), and
+   whole models run on a smaller input (``Case.budget_variant``), so that ``make bench`` stays bounded.
+   GPU: ``triton.testing.do_bench`` (L2 flushed before each run; 0.2 s per measurement), or CUDA events
+   when Triton is absent. Speed-up = baseline time / backend time, both from the same run. On a busy
+   CPU (load average printed and stored) the eager baseline, made of many small parallel ops, suffers
+   most: measure on an idle machine;
 3. **peak memory**: the peak of bytes allocated on top of what was live before the call. GPU:
    ``torch.cuda.max_memory_allocated`` delta. CPU: ``torch.profiler`` with ``profile_memory=True``,
    the cumulative sum of its allocation events in time order (only allocations through PyTorch's
@@ -25,14 +29,19 @@ For each case (a shape taken from a real architecture) and dtype, and each usabl
    fraction of the device-to-device copy bandwidth measured at the start of the run (and a dense
    matmul TFLOP/s per dtype, for scale).
 
-Outputs (``--out``, default ``bench/out/``): ``<device>-<ops>.json`` (results + machine and build
-info), ``.csv``, ``.png`` (speed-up per case and backend); a table on stdout.
+Outputs (``--out``, default ``bench/out/``): ``<device>-<ops>.json`` (results + machine, versions, git
+commit, load average, wall time), ``.csv``, figures ``-<family>.png`` per op family and ``-summary.png``
+(:mod:`fastseg.bench.plots`; matplotlib optional); a table on stdout, with a progress line (cases done /
+total, time left). ``python -m fastseg.bench report FILE [FILE2]`` turns results into Markdown, or the
+per-case ratios between two runs; ``report --update-readme README.md`` regenerates the README's measured
+tables (:mod:`fastseg.bench.markdown`).
 Exit status: 0 all good, 1 a correctness check failed or a backend raised, 2 bad arguments,
 3 stopped early (``--time-limit`` or SIGTERM; the partial results are written).
 
-Layout: the harness in ``cases`` (:class:`Case`, the registry), ``timing``, ``memory``, ``correctness``,
-``report`` (table, JSON, CSV, PNG) and ``machine`` (versions, hardware, GPU ceilings); the cases in one
-module per op family (``ops_conv``, ``ops_attention``, ``ops_roi``, ``ops_nms``, ``ops_crf``, ``ops_esp``,
+Layout: the harness in ``cases`` (:class:`Case`, the registry), ``timing``, ``budget``, ``memory``,
+``correctness``, ``progress``, ``report`` (table, JSON, CSV), ``plots``, ``markdown`` and ``machine``
+(versions, hardware, GPU ceilings); the cases in one module per op family (its family's name: the module's,
+less ``ops_``; one figure each) (``ops_conv``, ``ops_attention``, ``ops_roi``, ``ops_nms``, ``ops_crf``, ``ops_esp``,
 ``ops_solo``) and ``models`` (end-to-end rows, op ``models``: see :mod:`fastseg.bench.models`); the command line in
 ``__main__``.
 
@@ -43,6 +52,8 @@ is imported below.
 Example::
 
     python -m fastseg.bench --device cpu --quick
+    python -m fastseg.bench --full                  # every case timed exhaustively (tens of minutes on CPU)
+    python -m fastseg.bench report bench/results/cpu-all.json
     python -m fastseg.bench --device cuda --dtype fp16,bf16 --out /tmp/bench
     python -m fastseg.bench --ops models --cases deeplabv3plus
 """

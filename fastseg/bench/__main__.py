@@ -17,12 +17,17 @@ import torch
 
 import fastseg.bench
 from fastseg import ops
-from fastseg.bench.cases import DEFAULT_DTYPES, DTYPES, OPS, Case, Outputs, SkipCase, dtype_name, get_cases, op_backends
+from fastseg.bench.budget import CASE_SECONDS, Plan, plan_timing, share_s
+from fastseg.bench.cases import (DEFAULT_DTYPES, DTYPES, OPS, Case, Outputs, SkipCase, dtype_name, family_of, get_cases,
+                                 op_backends)
 from fastseg.bench.correctness import ATOL, cast_inputs, check_backend
 from fastseg.bench.machine import loadavg, machine_info, measure_ceilings
 from fastseg.bench.memory import memory_probe, peak_memory_bytes
-from fastseg.bench.report import Row, plot, table, write_csv, write_json
-from fastseg.bench.timing import Timing, pool, time_fn
+from fastseg.bench.markdown import load_results, report_main
+from fastseg.bench.plots import plot_results
+from fastseg.bench.progress import Progress
+from fastseg.bench.report import Row, table, write_csv, write_json
+from fastseg.bench.timing import Timing, pool, time_fn, time_once
 
 __all__ = ["main"]
 
@@ -56,18 +61,49 @@ def _usable_backends(op: str, device: torch.device, wanted: Sequence[str] | None
     return out, skipped
 
 
+def _full_plan(case: Case, args: argparse.Namespace, device: torch.device) -> Plan:
+    """Today's exhaustive timing of a case: ``--rounds`` interleaved rounds (CPU) sharing ``--budget`` and
+    ``--min-reps``, or the case's own rounds / samples / warm-up (whole models)."""
+    rounds = max(1, case.rounds or args.rounds) if device.type == "cpu" else 1
+    return Plan(rounds, args.budget / rounds, max(1, math.ceil((case.min_reps or args.min_reps) / rounds)),
+                case.warmup)
+
+
+def _timed(fn: Callable[[], Outputs], device: torch.device) -> tuple[Outputs, float]:
+    """``fn()`` and its wall seconds (the estimate the budget plans with)."""
+    t = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return out, time.perf_counter() - t
+
+
+def _measure(fn: Callable[[], Outputs], device: torch.device, plan: Plan) -> Timing:
+    if plan.once:
+        return time_once(fn, device)
+    return time_fn(fn, device, plan.budget_s, plan.min_reps, plan.warmup)
+
+
 def _bench_case(case: Case, dtype: torch.dtype, device: torch.device, backends: Sequence[str],
                 args: argparse.Namespace, log: Callable[[str], None]) -> list[Row]:
     dname = dtype_name(dtype)
-    base_row = {"op": case.op, "case": case.label, "mode": case.mode, "dtype": dname, "params": case.params}
+    base_row = {"op": case.op, "case": case.label, "mode": case.mode, "dtype": dname, "params": case.params,
+                "family": family_of(case.op)}
     rows: list[Row] = []
     against = case.check_against or case.baseline
+    grad_ctx = torch.no_grad if case.mode == "fwd" else torch.enable_grad
     try:
         inputs = case.make_inputs(device, dtype)
-        with torch.no_grad() if case.mode == "fwd" else torch.enable_grad():
-            base = against(inputs)
+
+        def baseline_call() -> Outputs:
+            with grad_ctx():
+                return case.baseline(inputs)
+
+        with grad_ctx():
+            base, est_ref = _timed(lambda: against(inputs), device)
             oracle = against(cast_inputs(inputs, torch.float64)) if not args.no_check else None
         _sync(device)
+        if case.check_against is not None:  # the baseline is another model (a peer): its first call
+            _, est_ref = _timed(baseline_call, device)
     except SkipCase as e:
         log(f"skipped {case.label} {dname}: {e}")
         return [Row(**base_row, backend=b, status="skipped", message=str(e)) for b in (backends or ["-"])]
@@ -75,16 +111,12 @@ def _bench_case(case: Case, dtype: torch.dtype, device: torch.device, backends: 
         msg = f"baseline failed: {type(e).__name__}: {e}"
         log(f"ERROR {case.label} {dname}: {msg}")
         return [Row(**base_row, backend=b, status="ERROR", message=msg) for b in (backends or ["-"])]
-    grad_ctx = torch.no_grad if case.mode == "fwd" else torch.enable_grad
     nbytes = case.bytes_moved(inputs) if case.bytes_moved else None
     flops = case.flops(inputs) if case.flops else None
 
-    def baseline_call() -> Outputs:
-        with grad_ctx():
-            return case.baseline(inputs)
-
-    # Correctness first, for every backend.
+    # Correctness first, for every backend (its call also gives the estimate the budget plans with).
     checked: list[tuple[str, Callable[[], Outputs]]] = []
+    est: dict[str, float] = {}
     for b in backends:
         def call(b: str = b) -> Outputs:
             with grad_ctx():
@@ -92,8 +124,7 @@ def _bench_case(case: Case, dtype: torch.dtype, device: torch.device, backends: 
         row = Row(**base_row, backend=b, status="ok", bytes_moved=nbytes, flops=flops)
         rows.append(row)
         try:
-            out = call()
-            _sync(device)
+            out, est[b] = _timed(call, device)
         except Exception as e:
             row.status, row.message = "ERROR", f"{type(e).__name__}: {e}"
             log(f"ERROR {case.label} {dname} {b}: {row.message}")
@@ -114,19 +145,25 @@ def _bench_case(case: Case, dtype: torch.dtype, device: torch.device, backends: 
                         bytes_moved=nbytes, flops=flops))
     if not checked and backends:
         return rows
-    # Timing: baseline and backends alternate for `rounds` rounds (CPU; a shared machine's load then
-    # hits all of them alike), each round spending budget / rounds per function.
+    # Timing: each function's plan is the full one (--full, or a GPU) or the most thorough that fits its
+    # share of the case's seconds (see fastseg.bench.budget). Baseline and backends alternate round by round
+    # (CPU: a shared machine's load then hits all of them alike).
     by_name = {r.backend: r for r in rows}
-    rounds = max(1, case.rounds or args.rounds) if device.type == "cpu" else 1
-    budget, min_reps = args.budget / rounds, max(1, math.ceil((case.min_reps or args.min_reps) / rounds))
+    full = _full_plan(case, args, device)
+    share = None if args.full or device.type != "cpu" else share_s(args.case_seconds, len(checked))
+    ref_plan = plan_timing(est_ref, share, full)
+    plans = {b: plan_timing(est[b], share, full) for b, _ in checked}
     ref_parts: list[Timing] = []
     parts: dict[str, list[Timing]] = {b: [] for b, _ in checked}
     try:
-        for _ in range(rounds):
-            ref_parts.append(time_fn(baseline_call, device, budget, min_reps, case.warmup))
+        for k in range(max([ref_plan.rounds, *(p.rounds for p in plans.values())])):
+            if k < ref_plan.rounds:
+                ref_parts.append(_measure(baseline_call, device, ref_plan))
             for b, call in list(checked):
+                if k >= plans[b].rounds:
+                    continue
                 try:
-                    parts[b].append(time_fn(call, device, budget, min_reps, case.warmup))
+                    parts[b].append(_measure(call, device, plans[b]))
                 except Exception as e:
                     r = by_name[b]
                     r.status, r.message = "ERROR", f"timing failed: {type(e).__name__}: {e}"
@@ -141,7 +178,7 @@ def _bench_case(case: Case, dtype: torch.dtype, device: torch.device, backends: 
         return rows
     for r in rows:
         r.ref_ms, r.ref_iqr_ms, r.ref_peak_MB = ref_t.median_ms, ref_t.iqr_ms, ref_peak
-        r.ref_reps = ref_t.reps
+        r.ref_reps, r.ref_once = ref_t.reps, ref_plan.once
         if nbytes:
             r.ref_GBps = nbytes / (ref_t.median_ms * 1e-3) / 1e9
         if flops:
@@ -155,7 +192,7 @@ def _bench_case(case: Case, dtype: torch.dtype, device: torch.device, backends: 
             r.status, r.message = "ERROR", f"peak memory failed: {type(e).__name__}: {e}"
             log(f"ERROR {case.label} {dname} {b}: {r.message}")
             continue
-        r.ms, r.iqr_ms, r.reps, r.timing_method = t.median_ms, t.iqr_ms, t.reps, t.method
+        r.ms, r.iqr_ms, r.reps, r.timing_method, r.once = t.median_ms, t.iqr_ms, t.reps, t.method, plans[b].once
         r.speedup = ref_t.median_ms / t.median_ms
         if nbytes:
             r.GBps = nbytes / (t.median_ms * 1e-3) / 1e9
@@ -187,11 +224,19 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="seconds for the whole run, shared equally by the ops (time an op leaves unused goes to the "
                         "next); an op's remaining cases are skipped once its share is spent (exit 3; partial results "
                         "written)")
+    p.add_argument("--full", action="store_true",
+                   help="the exhaustive run: every function timed with --rounds, --budget and --min-reps however "
+                        "slow (default on CPU: each case gets --case-seconds of timing, see fastseg.bench.budget)")
+    p.add_argument("--case-seconds", type=float, default=CASE_SECONDS,
+                   help=f"CPU, without --full: timing seconds per case, shared by the baseline and the backends "
+                        f"(default {CASE_SECONDS:g}); slow functions get fewer samples, the slowest a single call")
     p.add_argument("--out", default="bench/out", help="output folder (default bench/out/)")
-    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--no-plot", action="store_true", help="skip the figures")
     args = p.parse_args(argv)
     if args.batch < 1:
         p.error(f"--batch must be >= 1, got {args.batch}")
+    if args.case_seconds <= 0:
+        p.error(f"--case-seconds must be > 0, got {args.case_seconds}")
     if args.budget is not None and args.budget <= 0:
         p.error(f"--budget must be > 0, got {args.budget}")
     if args.device is None:
@@ -206,11 +251,18 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmarks; see the module docstring. Returns the exit status."""
+    """Run the benchmarks (or ``report ...``: see :mod:`fastseg.bench.markdown`); see the module docstring.
+    Returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:
+        return report_main(argv[1:])
     args = _parse_args(argv)
     started = time.monotonic()
+    shown: list[Progress] = []  # the progress line, once there is one
 
     def log(msg: str) -> None:
+        if shown:
+            shown[0].close()  # a terminal's in-place progress line is redrawn after the next case
         print(msg, file=sys.stderr, flush=True)
 
     dev_name = args.device
@@ -263,7 +315,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"ceilings: copy {ceilings.get('copy_GBps', float('nan')):.0f} GB/s; matmul TFLOP/s: {mm}",
                   flush=True)
         cut: list[str] = []
-        for i, op in enumerate(op_names):
+        plan: list[tuple[str, list[tuple[Case, torch.dtype]]]] = []
+        budgeted = not args.full and device.type == "cpu"
+        for op in op_names:
+            cases = get_cases(op, batch=args.batch, quick=args.quick)
+            if words:
+                cases = [c for c in cases if any(w in c.name for w in words)]
+            if budgeted:  # cases too big for the budget run on their smaller input
+                cases = [c.budget_variant() if c.budget_variant else c for c in cases]
+            plan.append((op, [(case, dtype) for case in cases for dtype in dtypes]))
+        progress = Progress([op for op, todo in plan for _ in todo], args.case_seconds if budgeted else None)
+        shown.append(progress)
+        print(f"{progress.total} cases; " + (f"{args.case_seconds:g} s of timing per case (--full: no limit)"
+                                             if budgeted else "the full timing of every case"), flush=True)
+        for i, (op, todo) in enumerate(plan):
             # With --time-limit every op gets an equal share of the time left (unused time rolls
             # over) and its first case whenever any time is left, so that a slow early op cannot
             # starve the later ones of every measurement.
@@ -274,30 +339,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             backends, skipped = _usable_backends(op, device, wanted_backends)
             skipped_backends[op] = skipped
             for b, why in skipped.items():
-                print(f"{op}: backend {b} not benchmarked: {why}", flush=True)
-            cases = get_cases(op, batch=args.batch, quick=args.quick)
-            if words:
-                cases = [c for c in cases if any(w in c.name for w in words)]
-            todo = [(case, dtype) for case in cases for dtype in dtypes]
+                progress.print(f"{op}: backend {b} not benchmarked: {why}")
             for k, (case, dtype) in enumerate(todo):
                 if op_deadline is not None and time.monotonic() > op_deadline and (k > 0 or left <= 0):
                     cut.append(f"{op} {k}/{len(todo)}")
                     incomplete = f"time limit of {args.time_limit:g} s; cases run (of all) where cut: {', '.join(cut)}"
-                    print(f"{op}: its share of --time-limit is spent after {k} of {len(todo)} cases", flush=True)
+                    progress.skip(op, len(todo) - k)
+                    progress.print(f"{op}: its share of --time-limit is spent after {k} of {len(todo)} cases")
                     break
                 t0 = time.monotonic()
                 new = _bench_case(case, dtype, device, backends, args, log)
+                case_s = time.monotonic() - t0
                 copy_bw = ceilings.get("copy_GBps")
                 for r in new:
+                    r.case_s = round(case_s, 2)
                     if r.GBps is not None and isinstance(copy_bw, float):
                         r.pct_copy_bw = 100.0 * r.GBps / copy_bw
                 rows += new
                 summary = ", ".join(f"{r.backend} {r.speedup:.2f}x" if r.speedup else f"{r.backend} {r.status}"
                                     for r in new)
-                print(f"  {case.label} [{dtype_name(dtype)}] {case.params.get('shape', '')}: {summary} "
-                      f"({time.monotonic() - t0:.1f} s)", flush=True)
+                once = " (eager timed once)" if any(r.ref_once for r in new) else ""
+                progress.done(op, case_s, f"  {case.label} [{dtype_name(dtype)}] {case.params.get('shape', '')}: "
+                                          f"{summary}{once} ({case_s:.1f} s)")
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+        progress.close()
     except (_Stop, KeyboardInterrupt):
         incomplete = incomplete or "interrupted (SIGTERM / Ctrl-C)"
         log(f"fastseg.bench: stopped early: {incomplete}; writing partial results")
@@ -313,9 +379,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     json_path = out_dir / f"{stem}.json"
     write_json(
         json_path, rows,
-        argv=list(sys.argv[1:] if argv is None else argv),
+        argv=argv,
         settings={"device": str(device), "dtypes": [dtype_name(d) for d in dtypes], "batch": args.batch,
-                  "quick": args.quick, "budget_s": args.budget, "min_reps": args.min_reps, "rounds": args.rounds,
+                  "quick": args.quick, "full": args.full or device.type != "cpu",
+                  "case_seconds": None if args.full or device.type != "cpu" else args.case_seconds,
+                  "budget_s": args.budget, "min_reps": args.min_reps, "rounds": args.rounds,
                   "check": not args.no_check, "atol": {dtype_name(k): v for k, v in ATOL.items()},
                   "baseline": "fastseg.ops._reference (eager PyTorch composition) unless a case's params name "
                               "another"},
@@ -328,14 +396,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         loadavg_at_end=loadavg(),
     )
     write_csv(out_dir / f"{stem}.csv", rows)
-    why_no_plot = None if args.no_plot else plot(
-        out_dir / f"{stem}.png", rows,
-        f"fastseg vs eager PyTorch on {info['device_name']} (torch {torch.__version__}, batch {args.batch})")
+    figures: list[Path] = []
+    why_no_plot = "--no-plot"
+    if not args.no_plot:
+        figures, why_no_plot = plot_results(load_results(json_path), out_dir, stem)
     print()
     print(table(rows, device))
     print()
-    print(f"wrote {json_path}, {stem}.csv" + ("" if args.no_plot or why_no_plot else f", {stem}.png")
-          + (f" (no plot: {why_no_plot})" if why_no_plot else "") + f" in {elapsed_s} s")
+    print(f"wrote {json_path}, {stem}.csv" + "".join(f", {f.name}" for f in figures)
+          + ("" if figures else f" (no figures: {why_no_plot})") + f" in {elapsed_s} s")
     if failures:
         log(f"fastseg.bench: {len(failures)} FAILED: "
             + "; ".join(f"{r.case} {r.dtype} {r.backend}: {r.status} {r.message}" for r in failures))

@@ -25,6 +25,7 @@ __all__ = [
     "Outputs",
     "SkipCase",
     "dtype_name",
+    "family_of",
     "get_cases",
     "grad_step",
     "nbytes",
@@ -76,6 +77,9 @@ class Case:
         rounds, min_reps: CPU timing rounds and timed samples of this case; None: ``--rounds``,
             ``--min-reps`` (whole models take seconds a call: one round, three samples).
         warmup: untimed calls after the first one (CPU; a model: 0).
+        budget_variant: ``() -> Case``, the same case on a smaller input for the budgeted (default CPU) run,
+            where even its correctness check and one timed call would not fit (whole models at 513x513);
+            None: the case runs as it is in both runs.
     """
 
     op: str
@@ -92,6 +96,7 @@ class Case:
     rounds: int | None = None
     min_reps: int | None = None
     warmup: int = 2
+    budget_variant: Callable[[], Case] | None = None
 
     @property
     def label(self) -> str:
@@ -135,6 +140,15 @@ def op_backends(op: str, device: torch.device) -> list[str]:
     if op in _OWN_BACKENDS:
         return _OWN_BACKENDS[op](device)
     return ops.available_backends(device).get(op, [])
+
+
+def family_of(op: str) -> str:
+    """The family of a registered op: the module its cases live in, less ``ops_`` (``separable_conv2d`` ->
+    ``"conv"``, the model rows -> ``"models"``); an unknown op (an older results file) is its own family."""
+    fn = OPS.get(op)
+    if fn is None:
+        return op
+    return fn.__module__.rsplit(".", 1)[-1].removeprefix("ops_")
 
 
 def get_cases(op: str, batch: int = 1, quick: bool = False) -> list[Case]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import subprocess
+from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,7 +17,7 @@ from fastseg import _extension, ops
 from fastseg.bench.cases import dtype_name
 from fastseg.bench.timing import Timing, time_fn
 
-__all__ = ["loadavg", "machine_info", "measure_ceilings"]
+__all__ = ["git_commit", "loadavg", "machine_info", "measure_ceilings"]
 
 
 def _time_copy(nbytes: int, device: torch.device, budget_s: float) -> Timing:
@@ -75,6 +77,20 @@ def loadavg() -> list[float] | None:
         return None
 
 
+def git_commit() -> str | None:
+    """The commit of the source tree being measured, ``+dirty`` when tracked files differ from it; None
+    outside a git checkout (an installed package)."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        def git(*a: str) -> str:
+            return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+        commit = git("rev-parse", "HEAD")
+        return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     """Versions, hardware, threads, and what fastseg._C was built for."""
     info: dict[str, Any] = {
@@ -91,6 +107,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "extension_loaded": _extension.has_ops(),
         "extension_error": _extension.load_error(),
         "backend_status": ops.backend_status(device),
+        "git_commit": git_commit(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
         "loadavg_at_start": loadavg(),
     }

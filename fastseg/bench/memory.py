@@ -40,10 +40,18 @@ def _quiet_stderr() -> Iterator[None]:
 def _cpu_peak_bytes(fn: Callable[[], Any]) -> int:
     from torch.profiler import ProfilerActivity, profile
 
-    gc.collect()
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-        del out
+    # No cycle collection during the call (it could free tensors allocated before it and hide part of the
+    # call's peak). Disabled rather than run beforehand: a full gc.collect() takes a second or more on the
+    # bench's heap on a busy machine, twice a case.
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = fn()
+            del out
+    finally:
+        if was_enabled:
+            gc.enable()
     events = [e for e in prof.profiler.kineto_results.events()
               if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
     events.sort(key=lambda e: e.start_ns() if hasattr(e, "start_ns") else e.start_us())

@@ -8,7 +8,9 @@ DeepLabV3Plus / PSPNet / Unet (``encoder_weights=None``) as peer baselines in ro
   setting), DANet at 512x512 and 768x768 (two rows: its eager N×N attention map is the memory
   story), batch ``batch`` on CPU and ``CUDA_BATCH`` x ``batch`` on CUDA; U-Net in valid mode at 508x508
   (the valid size nearest 513; 324x324 out); the peer rows at 512x512 (smp needs sides divisible by its
-  output stride). ``--quick``: a quarter-width DeepLab v3+ at 97x97 only.
+  output stride). ``--quick``: a quarter-width DeepLab v3+ at 97x97 only. The budgeted (default CPU) run takes
+  every row on a smaller input (193x193, U-Net valid 204x204, peers 192x192, other sizes scaled alike: the
+  case's ``budget_variant``); ``--full`` at the sizes above.
 - Weights: seeded random init; BatchNorm statistics from one train-mode pass over two random images, so
   that activations have a trained network's scale (raw init overflows fp16 in a ResNet-101).
 - Correctness: the fused output against the reference backend's, and the oracle is the reference backend
@@ -31,7 +33,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -42,9 +44,9 @@ from fastseg import ops
 from fastseg.bench.cases import Case, Inputs, SkipCase, register_op
 from fastseg.models import create_model, list_models
 
-__all__ = ["AUNET_SIZE", "CUDA_BATCH", "DANET_SIZES", "ESPNET_CLASSES", "ESPNET_SIZE", "INSTANCE_CANDIDATES",
-           "INSTANCE_MODELS", "INSTANCE_SIZE", "PEER_SIZE", "QUICK_SIZE", "SIZE", "UNET_VALID_SIZE",
-           "aunet_time_shares", "model_cases"]
+__all__ = ["AUNET_SIZE", "BUDGET_PEER_SIZE", "BUDGET_SIZE", "BUDGET_UNET_VALID_SIZE", "CUDA_BATCH", "DANET_SIZES",
+           "ESPNET_CLASSES", "ESPNET_SIZE", "INSTANCE_CANDIDATES", "INSTANCE_MODELS", "INSTANCE_SIZE", "PEER_SIZE",
+           "QUICK_SIZE", "SIZE", "UNET_VALID_SIZE", "aunet_time_shares", "budget_size", "model_cases"]
 
 NUM_CLASSES = 21  # PASCAL VOC
 SIZE = 513  # DeepLab's evaluation crop
@@ -60,6 +62,12 @@ INSTANCE_MODELS = ("solo", "decoupled_solo", "solov2")
 INSTANCE_SIZE = (800, 1216)
 INSTANCE_CLASSES = 80  # COCO
 INSTANCE_CANDIDATES = 500  # cells above the score threshold: SOLOv2's nms_pre
+# The budgeted (default CPU) run: whole models at about a seventh of the pixels (on two cores a 513x513
+# row's float64 check, single timed calls and memory call alone take one to two minutes, over a dozen
+# rows); ``--full``: the sizes above.
+BUDGET_SIZE = 193  # 12 x 16 + 1, like 513 = 32 x 16 + 1
+BUDGET_PEER_SIZE = 192  # divisible by smp's output strides
+BUDGET_UNET_VALID_SIZE = 204  # a valid U-Net input (16k + 124), 20x20 out
 _REFERENCE = "_reference backend (same model and weights)"
 _WEIGHTS = "seeded random init; BatchNorm statistics from one train-mode pass over 2 random images"
 _OWN_ROWS = {"aunet"}  # detectors: not semantic logits of a tensor; rows of their own below
@@ -299,7 +307,38 @@ def _smp(inputs: Inputs) -> Tensor:
     return inputs["peer"](inputs["x"])
 
 
+def budget_size(size: int) -> int:
+    """The budgeted run's input side for a row at ``size``: the table above for the known sizes; any other
+    side above ``BUDGET_SIZE`` scaled by ``BUDGET_SIZE / SIZE`` to the nearest value with the same remainder
+    modulo 32 (a side of the form 16k + c, or divisible by an output stride up to 32, stays so)."""
+    known = {SIZE: BUDGET_SIZE, PEER_SIZE: BUDGET_PEER_SIZE, UNET_VALID_SIZE: BUDGET_UNET_VALID_SIZE}
+    if size in known:
+        return min(known[size], size)
+    if size <= BUDGET_SIZE:  # small already (the --quick row)
+        return size
+    target = size * BUDGET_SIZE / SIZE
+    r = size % 32
+    below = r + 32 * math.floor((target - r) / 32)
+    best = min((below, below + 32), key=lambda v: abs(v - target))
+    return best if 0 < best < size else size
+
+
+def _budget_row(row: _ModelRow) -> _ModelRow | None:
+    """``row`` at the budgeted run's size (None: already small)."""
+    size = budget_size(row.size)
+    if size >= row.size:
+        return None
+    width = None if row.width is None else budget_size(row.width)
+    full, small = f"{row.width or row.size}x{row.size}", f"{width or size}x{size}"
+    note = (row.note or full).replace(full, small).replace(str(row.size), str(size))
+    if row.model == "unet" and row.kwargs.get("padding") == "valid":
+        note = f"padding='valid' at {size}x{size} ({size - 184}x{size - 184} out)"
+    return replace(row, size=size, width=width, note=f"{note}; budgeted run ({full} with --full)")
+
+
 def _model_case(row: _ModelRow, batch: int) -> Case:
+    small = _budget_row(row)
+    variant = None if small is None else (lambda: _model_case(small, batch))
     s, w = row.size, row.width or row.size
     layer = f"smp.{row.peer.cls} swapped by fuse_modules" if row.swap and row.peer else row.model
     params: dict[str, Any] = {
@@ -314,12 +353,13 @@ def _model_case(row: _ModelRow, batch: int) -> Case:
     timing: dict[str, Any] = {"rounds": 1, "min_reps": 3, "warmup": 0}
     make = _model_inputs(row, batch)
     if row.peer is None:
-        return Case("models", row.name, "fwd", params, make, _unfused, _fused, quick=row.quick, **timing)
+        return Case("models", row.name, "fwd", params, make, _unfused, _fused, quick=row.quick,
+                    budget_variant=variant, **timing)
     kwargs = ", ".join(f"{k}={v!r}" for k, v in row.peer.kwargs.items())
     params.update(baseline=f"smp.{row.peer.cls}",
                   peer=f"smp.{row.peer.cls}({kwargs}, encoder_weights=None): {row.peer.note}")
     return Case("models", row.name, "fwd", params, make, _smp, _fused, quick=row.quick, check_against=_unfused,
-                **timing)
+                budget_variant=variant, **timing)
 
 
 # ---- AUNet (panoptic) ----------------------------------------------------------------------------------
@@ -359,8 +399,10 @@ def aunet_time_shares(model: nn.Module, images: list[Tensor], backend: str | Non
             **{f"{k}_share": v / total for k, v in spent.items()}}
 
 
-def _aunet_case(batch: int) -> Case:
-    h, w = AUNET_SIZE
+def _aunet_case(batch: int, size: tuple[int, int] = AUNET_SIZE) -> Case:
+    h, w = size
+    small = (budget_size(h), budget_size(w))
+    variant = None if small == size else (lambda: _aunet_case(batch, small))
     params: dict[str, Any] = {
         "layer": "aunet end to end, inference (eval), per image", "model": "aunet",
         "kwargs": {"backbone": "resnet50", "num_classes": 80, "num_stuff_classes": 53, "box_score_thresh": 0.0,
@@ -405,7 +447,7 @@ def _aunet_case(batch: int) -> Case:
             return outputs(inputs)
 
     return Case("models", f"aunet_r50_{h}x{w}", "fwd", params, make, unfused, lambda inputs, backend: outputs(inputs),
-                rounds=1, min_reps=3, warmup=0)
+                rounds=1, min_reps=3, warmup=0, budget_variant=variant)
 
 
 @register_op("models", backends=lambda device: ["fused"])

@@ -1,5 +1,5 @@
-"""The report of a run: the table on stdout, JSON, CSV and the PNG plot (speed-up and peak memory per case
-and backend)."""
+"""The report of a run: the table on stdout, JSON and CSV (figures: :mod:`fastseg.bench.plots`; Markdown
+tables and comparisons of results files: :mod:`fastseg.bench.markdown`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Row", "plot", "table", "write_csv", "write_json"]
+__all__ = ["Row", "table", "write_csv", "write_json"]
 
 
 @dataclass
@@ -47,6 +47,10 @@ class Row:
     ref_TFLOPs: float | None = None
     TFLOPs: float | None = None
     timing_method: str = ""
+    family: str = ""  # the op's family (its module of cases): one figure each
+    ref_once: bool = False  # the baseline was timed with a single call (a budgeted run's slowest baselines)
+    once: bool = False  # the backend was timed with a single call
+    case_s: float | None = None  # wall seconds of the whole case (all its rows), correctness and memory included
 
 
 def _fmt(v: float | None, spec: str) -> str:
@@ -103,66 +107,6 @@ def write_csv(path: Path, rows: Sequence[Row]) -> None:
             d["shape"] = r.params.get("shape", "")
             d["baseline"] = _baseline_name(r)
             w.writerow(d)
-
-
-def plot(path: Path, rows: Sequence[Row], title: str) -> str | None:
-    """Speed-up (and peak-memory ratio) per case and backend; returns why not when it cannot plot."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        return f"matplotlib unavailable ({e})"
-    groups: list[str] = []
-    backends: list[str] = []
-    several_ops = len({r.op for r in rows}) > 1
-
-    def group(r: Row) -> str:
-        return (f"{r.op}: " if several_ops else "") + f"{r.case} [{r.dtype}]"
-
-    for r in rows:
-        g = group(r)
-        if g not in groups:
-            groups.append(g)
-        if r.backend != "-" and r.backend not in backends:
-            backends.append(r.backend)
-    if not groups or not backends:
-        return "nothing to plot"
-    data = {(group(r), r.backend): r for r in rows}
-    width = 0.8 / len(backends)
-    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 0.55 * len(groups) * max(1, len(backends)) + 2), 9),
-                             sharex=True, gridspec_kw={"height_ratios": [2, 1]})
-    xs = range(len(groups))
-    for j, b in enumerate(backends):
-        pos = [x - 0.4 + width * (j + 0.5) for x in xs]
-        sp = [data[(g, b)].speedup if (g, b) in data and data[(g, b)].speedup else 0.0 for g in groups]
-        mem = [data[(g, b)].peak_MB / data[(g, b)].ref_peak_MB
-               if (g, b) in data and data[(g, b)].peak_MB is not None and data[(g, b)].ref_peak_MB else 0.0
-               for g in groups]
-        bars = axes[0].bar(pos, sp, width, label=b)
-        for rect, v in zip(bars, sp, strict=True):
-            if v:
-                axes[0].annotate(f"{v:.2f}", (rect.get_x() + rect.get_width() / 2, v), ha="center", va="bottom",
-                                 fontsize=7)
-        for g_i, g in enumerate(groups):
-            r = data.get((g, b))
-            if r is not None and r.status in ("FAIL", "ERROR"):
-                axes[0].annotate(r.status, (pos[g_i], 0.05), ha="center", va="bottom", color="red", fontsize=7,
-                                 rotation=90)
-        axes[1].bar(pos, mem, width, label=b)
-    axes[0].axhline(1.0, color="black", linewidth=1, linestyle="--")
-    axes[0].set_ylabel("speed-up vs eager PyTorch (x)")
-    axes[0].set_title(title, fontsize=10)
-    axes[0].legend()
-    axes[1].axhline(1.0, color="black", linewidth=1, linestyle="--")
-    axes[1].set_ylabel("peak memory / eager's")
-    axes[1].set_xticks(list(xs))
-    axes[1].set_xticklabels(groups, rotation=60, ha="right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return None
 
 
 def write_json(path: Path, rows: Sequence[Row], **fields: Any) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Timing", "pool", "time_fn"]
+__all__ = ["Timing", "pool", "time_fn", "time_once"]
 
 
 @dataclass
@@ -116,6 +116,24 @@ def time_fn(fn: Callable[[], Any], device: torch.device, budget_s: float = 0.5, 
     if device.type == "cuda":
         return _time_cuda(fn, budget_s, min_reps)
     return _time_cpu(fn, budget_s, min_reps, warmup)
+
+
+def time_once(fn: Callable[[], Any], device: torch.device) -> Timing:
+    """One timed call and no untimed one: for a function too slow for more, already warmed up by the
+    calls of the correctness check. The quartiles are the call's time."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        ms = start.elapsed_time(end)
+    else:
+        t = time.perf_counter()
+        fn()
+        ms = (time.perf_counter() - t) * 1e3
+    return Timing(ms, ms, ms, 1, "single call (measured once)", [ms])
 
 
 def pool(parts: Sequence[Timing]) -> Timing:
