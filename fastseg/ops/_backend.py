@@ -21,6 +21,7 @@ from fastseg import _extension
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "autocast_inputs",
     "available_backends",
     "backend_status",
     "register",
@@ -29,6 +30,18 @@ __all__ = [
 ]
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
+
+
+def autocast_inputs(*tensors):
+    """The op's floating tensors in the one dtype it runs in under autocast (None entries and other
+    tensors unchanged; no-op when autocast is off for the first tensor's device): on GPUs the autocast
+    dtype, like a conv or matmul; on CPU float32, since the C++ kernels have no bf16/fp16 path (autocast's
+    "run in fp32" class of ops). Cast in the public function so that every backend sees consistent dtypes."""
+    x = tensors[0]
+    if not (isinstance(x, torch.Tensor) and x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
+        return tensors
+    dtype = torch.float32 if x.device.type == "cpu" else torch.get_autocast_dtype(x.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
 
 
 class BackendUnavailableError(RuntimeError):

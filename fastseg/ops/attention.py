@@ -64,6 +64,7 @@ def position_attention(q: Tensor, k: Tensor, v: Tensor, *, gamma: Tensor | None 
         >>> position_attention(q, k, v, gamma=torch.tensor([0.5]), residual=v).shape
         torch.Size([2, 64, 17, 19])
     """
+    q, k, v, residual = _backend.autocast_inputs(q, k, v, residual)
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_4d(name, t)
     _check_same("k", k, "q", q)
@@ -96,6 +97,7 @@ def channel_attention(x: Tensor, *, gamma: Tensor | None = None, residual: Tenso
         >>> channel_attention(x, gamma=torch.tensor([0.5]), residual=x).shape
         torch.Size([2, 64, 17, 19])
     """
+    x, residual = _backend.autocast_inputs(x, residual)
     _check_4d("x", x)
     _check_epilogue(gamma, residual, x.shape, x)
     out = _backend.resolve("channel_attention", x.device, backend)(x)

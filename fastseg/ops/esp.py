@@ -84,6 +84,10 @@ def esp_pyramid(
         >>> esp_pyramid(x, w).shape
         torch.Size([1, 64, 64, 64])
     """
+    if isinstance(weights, Tensor):
+        x, weights = _backend.autocast_inputs(x, weights)
+    elif isinstance(weights, Sequence):
+        x, *weights = _backend.autocast_inputs(x, *weights)
     weight, first, dil = _pack(x, weights, dilations)
     impl = _backend.resolve(OP, x.device, backend)
     return impl(x, weight, first, dil)

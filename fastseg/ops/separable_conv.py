@@ -90,14 +90,8 @@ def separable_conv2d(
         torch.Size([2, 64, 33, 33])
     """
     affines = {"dw_scale": dw_scale, "dw_shift": dw_shift, "pw_scale": pw_scale, "pw_shift": pw_shift}
-    if isinstance(x, Tensor) and x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
-        # Under autocast the convolutions run in one dtype whatever x and the weights come in (the
-        # affines, fp32 BatchNorm folds, stay as they are): on GPUs the autocast dtype, like a conv; on
-        # CPU float32 (its kernel has no bf16/fp16 path; autocast's "run in fp32" class of ops). Cast
-        # here so that every backend, Triton included, sees consistent dtypes.
-        dtype = torch.float32 if x.device.type == "cpu" else torch.get_autocast_dtype(x.device.type)
-        x, dw_weight, pw_weight = (t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
-                                   for t in (x, dw_weight, pw_weight))
+    # Under autocast the convolutions run in one dtype (the affines, fp32 BatchNorm folds, stay as they are).
+    x, dw_weight, pw_weight = _backend.autocast_inputs(x, dw_weight, pw_weight)
     _check(x, dw_weight, pw_weight, stride, dilation, affines)
     pad_beg, pad_end = fixed_padding(dw_weight.shape[-1], dilation, padding)
     impl = _backend.resolve(OP, x.device, backend)
