@@ -103,11 +103,11 @@ def _sepconv_inputs(s: _SepConvShape, batch: int, train: bool) -> Callable[[torc
     return make
 
 
-def _sepconv_kwargs(s: _SepConvShape, inputs: Inputs) -> dict[str, Any]:
+def _sepconv_kwargs(s: _SepConvShape, inputs: Inputs, relu: bool) -> dict[str, Any]:
     return {
         "stride": s.stride, "padding": "same", "dilation": s.dilation,
         "dw_scale": inputs["dw_scale"], "dw_shift": inputs["dw_shift"], "dw_relu": True,
-        "pw_scale": inputs["pw_scale"], "pw_shift": inputs["pw_shift"], "relu": True,
+        "pw_scale": inputs["pw_scale"], "pw_shift": inputs["pw_shift"], "relu": relu,
     }
 
 
@@ -115,15 +115,19 @@ def _sepconv_case(s: _SepConvShape, batch: int, train: bool, quick: bool) -> Cas
     beg, end = fixed_padding(s.k, s.dilation, "same")
     ho = conv_out_size(s.h, beg, end, s.k, s.dilation, s.stride)
     wo = conv_out_size(s.w, beg, end, s.k, s.dilation, s.stride)
+    # Train cases stop before the final ReLU: its gradient is ill-conditioned against the float64 oracle.
+    # One output whose exact value is within float32 rounding of 0 (2e-7 of 4 in decoder_1) flips its mask
+    # and moves grad_x by ~1e-2 of its max in any float32 implementation that rounds differently from eager.
+    relu = not train
 
     def baseline(inputs: Inputs) -> Tensor:
         # The eager composition (eval mode, BatchNorms folded), imported, never re-typed.
         return _reference.separable_conv2d(inputs["x"], inputs["dw_weight"], inputs["pw_weight"],
-                                           **_sepconv_kwargs(s, inputs))
+                                           **_sepconv_kwargs(s, inputs, relu))
 
     def run(inputs: Inputs, backend: str) -> Tensor:
         return ops.separable_conv2d(inputs["x"], inputs["dw_weight"], inputs["pw_weight"],
-                                    **_sepconv_kwargs(s, inputs), backend=backend)
+                                    **_sepconv_kwargs(s, inputs, relu), backend=backend)
 
     def fwd_bytes(inputs: Inputs) -> int:
         x = inputs["x"]
@@ -150,7 +154,8 @@ def _sepconv_case(s: _SepConvShape, batch: int, train: bool, quick: bool) -> Cas
     def train_flops(inputs: Inputs) -> float:
         return 3.0 * fwd_flops(inputs)  # forward + grad of the inputs + grad of the weights
 
-    return Case("separable_conv2d", s.name + "_train", "fwd+bwd", {**params, "wrt": list(_SEPCONV_WRT)},
+    return Case("separable_conv2d", s.name + "_train", "fwd+bwd",
+                {**params, "wrt": list(_SEPCONV_WRT), "final_relu": False},
                 _sepconv_inputs(s, batch, True), grad_step(lambda i: baseline(i), _SEPCONV_WRT),
                 grad_step(run, _SEPCONV_WRT), train_bytes, train_flops, quick)
 

@@ -44,10 +44,6 @@ using common::tap_valid_range;
 // 2048 -> 256 at 33x33 (79) 19.4 vs 24.0 ms; 1536 -> 2048 at 33x33 (361) 41.5 vs 43.6 ms.
 // Under heavy load (load 17 on 2 cores) the fused kernel won everywhere: oneDNN's threads
 // suffer most from oversubscription; the rule follows the quiet machine.
-// NOT USED BY DEFAULT (see use_split_forward): with the split forward, the gradients of some shapes
-// come out wrong (304 -> 256 at 129x129, two threads: grad_x 1e-2 relative in the benchmark's check;
-// the fused forward with the same backward is right). Until that is understood, split runs only when
-// forced (FASTSEG_SEPCONV_CPU_PATH=split).
 bool split_pays(int64_t C, int64_t O) { return C * O >= 40 * (3 * C + 2 * O); }
 
 // Geometry of one channel plane plus, per column tap j, the output columns [lo, hi) whose
@@ -389,8 +385,7 @@ constexpr DepthwiseKernels kCpuDepthwise{depthwise_forward, depthwise_backward_i
 // convolution, oneDNN), by split_pays.
 bool use_split_forward(int64_t N, int64_t C, int64_t O, int64_t P, at::ScalarType st) {
   if (!pointwise_as_conv(N, C, O, P, st)) return false;
-  constexpr bool kAutoSplit = false;  // see split_pays: wrong gradients on some shapes, under investigation
-  return forced_path() == Path::kSplit || (kAutoSplit && split_pays(C, O));
+  return forced_path() == Path::kSplit || split_pays(C, O);
 }
 
 at::Tensor split_forward(const at::Tensor& x, const at::Tensor& dw, const at::Tensor& pw,
