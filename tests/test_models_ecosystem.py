@@ -2,8 +2,9 @@
 ``torch.export.export``, bf16 autocast on CPU and channels_last, each equal to eager float32.
 
 New registry entries are picked up automatically: ``SMALL`` (the one place to list them) gives a model a
-small configuration; a name not in it is built with its defaults, and is tested when its eval output is
-``{"out": logits}`` (semantic); instance models (a list of per-image dicts) are skipped with that reason.
+small configuration; a name not in it is built with its defaults. Every semantic model of the registry
+(``list_models("semantic")``: eval output ``{"out": logits}``) is tested; instance/panoptic models take
+lists of images and have their own tests.
 Inputs are small and odd-sized; BatchNorm statistics are calibrated and zero-initialised parameters
 (FCN's score layers, DANet's gammas) randomised so that no comparison is vacuous."""
 
@@ -77,19 +78,12 @@ def _calibrate(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-@pytest.fixture(scope="module", params=list_models())
+@pytest.fixture(scope="module", params=list_models("semantic"))
 def semantic(request) -> tuple[str, nn.Module, torch.Tensor, torch.Tensor]:
     """(name, eval model, input, eager float32 logits) of each semantic model of the registry."""
     name = request.param
     model = _build(name)
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
-    try:
-        with torch.no_grad():
-            out = model(x)  # eval: instance models return a list of per-image dicts
-    except (TypeError, ValueError) as e:  # e.g. an instance model that takes a list of images
-        pytest.skip(f"{name} does not take a [N, 3, H, W] batch as a semantic model does: {e}")
-    if not (isinstance(out, dict) and isinstance(out.get("out"), torch.Tensor)):
-        pytest.skip(f"{name} is not a semantic model (eval output {type(out).__name__}, not {{'out': logits}})")
     _calibrate(model)
     with torch.no_grad():
         out = model(x)

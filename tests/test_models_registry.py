@@ -12,6 +12,15 @@ def test_list_models_has_the_semantic_architectures():
     assert list_models() == sorted(list_models())
 
 
+def test_list_models_by_task():
+    semantic, instance, panoptic = (list_models(t) for t in ("semantic", "instance", "panoptic"))
+    assert set(SEMANTIC) | {"danet", "espnet"} <= set(semantic)
+    assert instance == ["decoupled_solo", "solo", "solov2"] and panoptic == ["aunet"]
+    assert sorted(semantic + instance + panoptic) == list_models()
+    with pytest.raises(ValueError, match="task must be one of"):
+        list_models("detection")
+
+
 def test_registry_keeps_the_papers_defaults():
     unet = create_model("unet")  # the paper's 1 input channel, 2 classes
     assert sum(p.numel() for p in unet.parameters()) == 31_030_658

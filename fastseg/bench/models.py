@@ -58,7 +58,7 @@ ESPNET_SIZE = (512, 1024)  # (H, W): ESPNet's Cityscapes resolution
 ESPNET_CLASSES = 20  # ESPNet's Cityscapes classes (19 + background)
 UNET_VALID_SIZE = 508  # the valid U-Net input (16k + 124) nearest 513; its output is 184 px smaller
 DANET_SIZES = (512, 768)  # DANet rows: fused attention vs the eager N×N one, where memory matters
-INSTANCE_MODELS = ("solo", "decoupled_solo", "solov2")
+INSTANCE_MODELS = tuple(list_models("instance"))
 INSTANCE_SIZE = (800, 1216)
 INSTANCE_CLASSES = 80  # COCO
 INSTANCE_CANDIDATES = 500  # cells above the score threshold: SOLOv2's nms_pre
@@ -70,7 +70,7 @@ BUDGET_PEER_SIZE = 192  # divisible by smp's output strides
 BUDGET_UNET_VALID_SIZE = 204  # a valid U-Net input (16k + 124), 20x20 out
 _REFERENCE = "_reference backend (same model and weights)"
 _WEIGHTS = "seeded random init; BatchNorm statistics from one train-mode pass over 2 random images"
-_OWN_ROWS = {"aunet"}  # detectors: not semantic logits of a tensor; rows of their own below
+_OWN_ROWS = set(list_models("panoptic"))  # not semantic logits of a tensor: rows of their own below
 AUNET_SIZE = (800, 1216)  # a COCO image at Mask R-CNN's test scale (short side 800), a multiple of 32
 
 

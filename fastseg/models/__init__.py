@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["create_model", "list_models"]
+__all__ = ["TASKS", "create_model", "list_models"]
 
 # name -> "module:builder" inside fastseg.models
 _MODELS: dict[str, str] = {
@@ -41,11 +41,18 @@ _MODELS: dict[str, str] = {
     "decoupled_solo": "solo:decoupled_solo",
     "solov2": "solo:solov2",
 }
+# The models that are not semantic (``forward(x) -> {"out": logits}``): torchvision's detection interface.
+_TASKS: dict[str, str] = {"solo": "instance", "decoupled_solo": "instance", "solov2": "instance",
+                          "aunet": "panoptic"}
+TASKS = ("semantic", "instance", "panoptic")
 
 
-def list_models() -> list[str]:
-    """The names ``create_model`` accepts, sorted."""
-    return sorted(_MODELS)
+def list_models(task: str | None = None) -> list[str]:
+    """The names ``create_model`` accepts, sorted; ``task`` (``"semantic"``, ``"instance"`` or
+    ``"panoptic"``) keeps those of one task."""
+    if task is not None and task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS} or None, got {task!r}")
+    return sorted(n for n in _MODELS if task is None or _TASKS.get(n, "semantic") == task)
 
 
 def create_model(name: str, num_classes: int | None = None, **kwargs: Any) -> nn.Module:
