@@ -68,7 +68,7 @@ def _train_step_matches(model: nn.Module, fused: nn.Module, x: torch.Tensor) -> 
 # ----------------------------------------------------------------------------------------------- smp
 
 def test_smp_deeplabv3plus_separable_aspp_and_decoder(monkeypatch):
-    smp = pytest.importorskip("segmentation_models_pytorch")
+    smp = pytest.importorskip("segmentation_models_pytorch", reason="smp is a dev dependency (not on the GPU machine)")
     torch.manual_seed(0)
     model = smp.DeepLabV3Plus(encoder_name="resnet18", encoder_weights=None, classes=5)
     x = torch.randn(2, 3, 64, 64)
@@ -91,7 +91,7 @@ def test_smp_deeplabv3plus_separable_aspp_and_decoder(monkeypatch):
 # ----------------------------------------------------------------------------------------------- timm
 
 def test_timm_aligned_xception_blocks(monkeypatch):
-    timm = pytest.importorskip("timm")
+    timm = pytest.importorskip("timm", reason="timm provides the Xception blocks swapped here")
     torch.manual_seed(1)
     model = timm.create_model("xception41", pretrained=False, num_classes=7)
     x = torch.randn(2, 3, 48, 48)
@@ -110,7 +110,7 @@ def test_timm_aligned_xception_blocks(monkeypatch):
 
 
 def test_timm_separable_conv_norm_act_uses_batchnormact():
-    layers = pytest.importorskip("timm.layers")
+    layers = pytest.importorskip("timm.layers", reason="timm provides SeparableConvNormAct")
     torch.manual_seed(2)
     block = layers.SeparableConvNormAct(12, 20, kernel_size=3, dilation=2, apply_act=True)
     x = torch.randn(2, 12, 11, 13)

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-pytest.importorskip("hypothesis")
+pytest.importorskip("hypothesis", reason="the fuzz suite is driven by hypothesis (a test dependency)")
 
 from fuzz_ops import GROUPS  # tests/ is on sys.path under pytest
 
