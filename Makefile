@@ -87,7 +87,7 @@ sdist: $(DEPS_STAMP)
 # present, must get the clear "built for torch ..." message.
 wheel-test: build
 	rm -rf dist/prebuilt && FASTSEG_PREBUILT=1 $(VPY) setup.py -q bdist_wheel -d dist/prebuilt
-	$(VPY) tests/wheel_check.py dist/prebuilt/fastseg-*.whl $(if $(wildcard $(TWIN)/bin/python),--other-python $(TWIN)/bin/python)
+	$(VPY) tests/wheel_check.py dist/prebuilt/fastseg-*.whl $(if $(wildcard $(TWIN)/bin/python),--other-python $(abspath $(TWIN)/bin/python))
 
 cpp-test: $(DEPS_STAMP)
 	PYTHON=$(VPY) bash cpp_tests/run.sh
